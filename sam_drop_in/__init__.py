@@ -1,0 +1,43 @@
+"""sam-drop-in: segment_anything's API with a fast TinyViT (MobileSAM / TinySAM) encoder.
+
+Change ``from segment_anything import ...`` to ``from sam_drop_in import ...``; every other line
+stays. ``sam_model_registry["vit_t"]`` adds the 5.7M-parameter encoder.
+"""
+
+from .build_sam import (
+    build_sam,
+    build_sam_vit_b,
+    build_sam_vit_h,
+    build_sam_vit_l,
+    build_sam_vit_t,
+    sam_model_registry,
+)
+from .predictor import SamPredictor
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The generators are imported on first use so that `import sam_drop_in` stays light.
+    if name == "SamAutomaticMaskGenerator":
+        from .automatic_mask_generator import SamAutomaticMaskGenerator
+
+        return SamAutomaticMaskGenerator
+    if name == "SamHierarchicalMaskGenerator":
+        from .hierarchical_mask_generator import SamHierarchicalMaskGenerator
+
+        return SamHierarchicalMaskGenerator
+    raise AttributeError(f"module 'sam_drop_in' has no attribute {name!r}")
+
+
+__all__ = [
+    "build_sam",
+    "build_sam_vit_h",
+    "build_sam_vit_l",
+    "build_sam_vit_b",
+    "build_sam_vit_t",
+    "sam_model_registry",
+    "SamPredictor",
+    "SamAutomaticMaskGenerator",
+    "SamHierarchicalMaskGenerator",
+]

@@ -1,0 +1,135 @@
+"""Model builders: ``sam_model_registry[model_type](checkpoint=...)`` as in segment_anything,
+plus ``vit_t`` (MobileSAM / TinySAM TinyViT encoder)."""
+
+from functools import partial
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+
+from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TinyViT, TwoWayTransformer
+
+_PROMPT_EMBED_DIM = 256
+_IMAGE_SIZE = 1024
+_VIT_PATCH_SIZE = 16
+
+
+def build_sam_vit_h(checkpoint=None):
+    return _build_sam(
+        encoder_embed_dim=1280,
+        encoder_depth=32,
+        encoder_num_heads=16,
+        encoder_global_attn_indexes=[7, 15, 23, 31],
+        checkpoint=checkpoint,
+        model_type="vit_h",
+    )
+
+
+build_sam = build_sam_vit_h
+
+
+def build_sam_vit_l(checkpoint=None):
+    return _build_sam(
+        encoder_embed_dim=1024,
+        encoder_depth=24,
+        encoder_num_heads=16,
+        encoder_global_attn_indexes=[5, 11, 17, 23],
+        checkpoint=checkpoint,
+        model_type="vit_l",
+    )
+
+
+def build_sam_vit_b(checkpoint=None):
+    return _build_sam(
+        encoder_embed_dim=768,
+        encoder_depth=12,
+        encoder_num_heads=12,
+        encoder_global_attn_indexes=[2, 5, 8, 11],
+        checkpoint=checkpoint,
+        model_type="vit_b",
+    )
+
+
+def build_sam_vit_t(checkpoint=None):
+    encoder = TinyViT(
+        img_size=_IMAGE_SIZE,
+        in_chans=3,
+        num_classes=1000,
+        embed_dims=[64, 128, 160, 320],
+        depths=[2, 2, 6, 2],
+        num_heads=[2, 4, 5, 10],
+        window_sizes=[7, 7, 14, 7],
+        mlp_ratio=4.0,
+        drop_rate=0.0,
+        drop_path_rate=0.0,
+        use_checkpoint=False,
+        mbconv_expand_ratio=4.0,
+        local_conv_size=3,
+        layer_lr_decay=0.8,
+    )
+    return _assemble(encoder, checkpoint=checkpoint, model_type="vit_t")
+
+
+sam_model_registry: Dict[str, Callable[..., Sam]] = {
+    "default": build_sam_vit_h,
+    "vit_h": build_sam_vit_h,
+    "vit_l": build_sam_vit_l,
+    "vit_b": build_sam_vit_b,
+    "vit_t": build_sam_vit_t,
+}
+
+
+def _build_sam(
+    encoder_embed_dim: int,
+    encoder_depth: int,
+    encoder_num_heads: int,
+    encoder_global_attn_indexes: Sequence[int],
+    checkpoint=None,
+    model_type: Optional[str] = None,
+) -> Sam:
+    encoder = ImageEncoderViT(
+        depth=encoder_depth,
+        embed_dim=encoder_embed_dim,
+        img_size=_IMAGE_SIZE,
+        mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=encoder_num_heads,
+        patch_size=_VIT_PATCH_SIZE,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=encoder_global_attn_indexes,
+        window_size=14,
+        out_chans=_PROMPT_EMBED_DIM,
+    )
+    return _assemble(encoder, checkpoint=checkpoint, model_type=model_type)
+
+
+def _assemble(image_encoder: torch.nn.Module, checkpoint, model_type: Optional[str]) -> Sam:
+    """Wires an image encoder to SAM's prompt encoder and mask decoder, then loads weights."""
+    embedding_size = _IMAGE_SIZE // _VIT_PATCH_SIZE
+    sam = Sam(
+        image_encoder=image_encoder,
+        prompt_encoder=PromptEncoder(
+            embed_dim=_PROMPT_EMBED_DIM,
+            image_embedding_size=(embedding_size, embedding_size),
+            input_image_size=(_IMAGE_SIZE, _IMAGE_SIZE),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=_PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8),
+            transformer_dim=_PROMPT_EMBED_DIM,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    sam.eval()
+    if checkpoint is not None:
+        # Local path or hf:// path, safetensors or safe pickle, any supported layout; the loader
+        # converts to this model's key layout and raises a helpful error on a mismatch.
+        from .checkpoint import load_state_dict
+
+        state_dict = load_state_dict(checkpoint, model_type=model_type)
+        sam.load_state_dict(state_dict, strict=True)
+    return sam

@@ -1,0 +1,210 @@
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from ._errors import InputError
+from ._validation import check_box, check_image, check_mask_input, check_point_prompts
+from .modeling import Sam
+from .utils.transforms import ResizeLongestSide
+
+
+class SamPredictor:
+    def __init__(self, sam_model: Sam) -> None:
+        """
+        Computes the image embedding of an image once, then predicts masks for any number of
+        prompts on it.
+
+        Arguments:
+          sam_model (Sam): the model used for mask prediction.
+        """
+        super().__init__()
+        self.model = sam_model
+        self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
+        self.reset_image()
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """
+        Computes the image embedding of ``image`` for later ``predict`` calls.
+
+        Arguments:
+          image (np.ndarray): HxWx3 uint8 image, values in [0, 255].
+          image_format (str): channel order of ``image``, 'RGB' or 'BGR'.
+
+        Raises ``InputError`` (a ValueError and an AssertionError) for a bad image or format; the
+        previously set image, if any, stays set.
+        """
+        rgb = check_image(image, image_format)
+        if self.model.image_format != "RGB":
+            rgb = rgb[..., ::-1]
+        input_image = self.transform.apply_image(rgb)
+        input_image_torch = torch.as_tensor(input_image, device=self.device).permute(2, 0, 1).contiguous()[None]
+        self.set_torch_image(input_image_torch, image.shape[:2])
+
+    @torch.no_grad()
+    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: Tuple[int, ...]) -> None:
+        """
+        Computes the image embedding of an image already resized with ResizeLongestSide.
+
+        Arguments:
+          transformed_image (torch.Tensor): 1x3xHxW, long side = the encoder's img_size (1024),
+            values in [0, 255] (any real dtype).
+          original_image_size (tuple(int, int)): (H, W) of the image before resizing.
+        """
+        img_size = self.model.image_encoder.img_size
+        if not (
+            isinstance(transformed_image, torch.Tensor)
+            and transformed_image.ndim == 4
+            and transformed_image.shape[1] == 3
+            and max(*transformed_image.shape[2:]) == img_size
+        ):
+            raise InputError(f"set_torch_image input must be BCHW with long side {img_size}.")
+        # Compute first, then commit: a failure leaves the previous image set.
+        input_image = self.model.preprocess(transformed_image)
+        features = self.model.image_encoder(input_image)
+        self.reset_image()
+        self.original_size = tuple(int(s) for s in original_image_size)
+        self.input_size = tuple(int(s) for s in transformed_image.shape[-2:])
+        self.orig_h, self.orig_w = self.original_size
+        self.input_h, self.input_w = self.input_size
+        self.features = features
+        self.is_image_set = True
+
+    def predict(
+        self,
+        point_coords: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+        box: Optional[np.ndarray] = None,
+        mask_input: Optional[np.ndarray] = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """
+        Predicts masks for prompts on the image set with ``set_image``.
+
+        Arguments:
+          point_coords (np.ndarray or None): Nx2 point prompts, (X, Y) in pixels of the original image.
+          point_labels (np.ndarray or None): N labels, 1 foreground, 0 background.
+          box (np.ndarray or None): length-4 box, XYXY in pixels of the original image.
+          mask_input (np.ndarray or None): 1x256x256 low-resolution logits, typically from a
+            previous call's third output.
+          multimask_output (bool): return 3 masks (better for ambiguous prompts such as one
+            click) instead of 1.
+          return_logits (bool): return un-thresholded logits instead of binary masks.
+
+        Returns:
+          (np.ndarray): CxHxW masks at the original size, bool (float32 logits if return_logits),
+            C = 3 if multimask_output else 1.
+          (np.ndarray): C float32 predicted quality (IoU) scores.
+          (np.ndarray): Cx256x256 float32 low-resolution logits.
+        """
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        coords, labels = check_point_prompts(point_coords, point_labels)
+        box = check_box(box)
+        mask_input = check_mask_input(mask_input)
+
+        coords_torch = labels_torch = box_torch = mask_input_torch = None
+        if coords is not None:
+            coords = self.transform.apply_coords(coords, self.original_size)
+            coords_torch = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]
+            labels_torch = torch.as_tensor(labels, dtype=torch.int, device=self.device)[None]
+        if box is not None:
+            box = self.transform.apply_boxes(box, self.original_size)
+            box_torch = torch.as_tensor(box, dtype=torch.float, device=self.device)[None]
+        if mask_input is not None:
+            mask_input_torch = torch.as_tensor(mask_input, dtype=torch.float, device=self.device)[None]
+
+        masks, iou_predictions, low_res_masks = self.predict_torch(
+            coords_torch, labels_torch, box_torch, mask_input_torch, multimask_output, return_logits=return_logits
+        )
+        return masks[0].cpu().numpy(), iou_predictions[0].cpu().numpy(), low_res_masks[0].cpu().numpy()
+
+    @torch.no_grad()
+    def predict_torch(
+        self,
+        point_coords: Optional[torch.Tensor],
+        point_labels: Optional[torch.Tensor],
+        boxes: Optional[torch.Tensor] = None,
+        mask_input: Optional[torch.Tensor] = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Predicts masks for a batch of prompts already transformed with ResizeLongestSide.
+        All B prompts share the image embedding, which is never copied per prompt.
+
+        Arguments:
+          point_coords (torch.Tensor or None): BxNx2 points, (X, Y) in the resized frame.
+          point_labels (torch.Tensor or None): BxN labels, 1 foreground, 0 background.
+          boxes (torch.Tensor or None): Bx4 boxes, XYXY in the resized frame.
+          mask_input (torch.Tensor or None): Bx1x256x256 low-resolution logits.
+          multimask_output (bool): return 3 masks per prompt instead of 1.
+          return_logits (bool): return logits instead of binary masks.
+
+        Returns:
+          (torch.Tensor): BxCxHxW masks at the original size, bool (float logits if return_logits).
+          (torch.Tensor): BxC predicted quality scores.
+          (torch.Tensor): BxCx256x256 low-resolution logits.
+        """
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        _check_torch_prompts(point_coords, point_labels, boxes, mask_input)
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse_embeddings, dense_embeddings = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        low_res_masks, iou_predictions = self.model.mask_decoder(
+            image_embeddings=self.features,
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse_embeddings,
+            dense_prompt_embeddings=dense_embeddings,
+            multimask_output=multimask_output,
+        )
+        masks = self.model.postprocess_masks(low_res_masks, self.input_size, self.original_size)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, iou_predictions, low_res_masks
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The embedding of the set image, 1xCxHxW (C = 256, H = W = 64 for SAM)."""
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) to generate an embedding.")
+        return self.features
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def reset_image(self) -> None:
+        """Forgets the set image and its embedding."""
+        self.is_image_set = False
+        self.features = None
+        self.orig_h = None
+        self.orig_w = None
+        self.input_h = None
+        self.input_w = None
+
+
+def _check_torch_prompts(point_coords, point_labels, boxes, mask_input) -> None:
+    """Shape checks for predict_torch's batched prompts, so mistakes fail with a clear message
+    instead of deep inside the decoder."""
+    batch = []
+    if point_coords is not None:
+        if point_labels is None:
+            raise InputError("point_labels must be supplied if point_coords is supplied.")
+        if point_coords.ndim != 3 or point_coords.shape[-1] != 2:
+            raise InputError(f"point_coords must be BxNx2 (X, Y in the resized frame), got {tuple(point_coords.shape)}.")
+        if tuple(point_labels.shape) != tuple(point_coords.shape[:2]):
+            raise InputError(
+                f"point_labels must be BxN matching point_coords {tuple(point_coords.shape)}, got {tuple(point_labels.shape)}."
+            )
+        batch.append(("point_coords", point_coords.shape[0]))
+    if boxes is not None:
+        if boxes.ndim not in (2, 3) or boxes.shape[-1] != 4:
+            raise InputError(f"boxes must be Bx4 (XYXY in the resized frame), got {tuple(boxes.shape)}.")
+        batch.append(("boxes", boxes.reshape(-1, 4).shape[0]))
+    if mask_input is not None:
+        if mask_input.ndim != 4 or mask_input.shape[1] != 1:
+            raise InputError(f"mask_input must be Bx1x256x256, got {tuple(mask_input.shape)}.")
+        batch.append(("mask_input", mask_input.shape[0]))
+    if len({b for _, b in batch}) > 1:
+        raise InputError("prompt batch sizes differ: " + ", ".join(f"{n} has {b}" for n, b in batch) + ".")
