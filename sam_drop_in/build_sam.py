@@ -13,45 +13,36 @@ _IMAGE_SIZE = 1024
 _VIT_PATCH_SIZE = 16
 
 
+# What differs between the ViT variants: width, depth, heads, blocks with global attention.
+_VIT_CONFIGS = {
+    "vit_h": dict(encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16, encoder_global_attn_indexes=[7, 15, 23, 31]),
+    "vit_l": dict(encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16, encoder_global_attn_indexes=[5, 11, 17, 23]),
+    "vit_b": dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, encoder_global_attn_indexes=[2, 5, 8, 11]),
+}
+
+
 def build_sam_vit_h(checkpoint=None):
-    return _build_sam(
-        encoder_embed_dim=1280,
-        encoder_depth=32,
-        encoder_num_heads=16,
-        encoder_global_attn_indexes=[7, 15, 23, 31],
-        checkpoint=checkpoint,
-        model_type="vit_h",
-    )
+    return _build_sam(**_VIT_CONFIGS["vit_h"], checkpoint=checkpoint, model_type="vit_h")
 
 
 build_sam = build_sam_vit_h
 
 
 def build_sam_vit_l(checkpoint=None):
-    return _build_sam(
-        encoder_embed_dim=1024,
-        encoder_depth=24,
-        encoder_num_heads=16,
-        encoder_global_attn_indexes=[5, 11, 17, 23],
-        checkpoint=checkpoint,
-        model_type="vit_l",
-    )
+    return _build_sam(**_VIT_CONFIGS["vit_l"], checkpoint=checkpoint, model_type="vit_l")
 
 
 def build_sam_vit_b(checkpoint=None):
-    return _build_sam(
-        encoder_embed_dim=768,
-        encoder_depth=12,
-        encoder_num_heads=12,
-        encoder_global_attn_indexes=[2, 5, 8, 11],
-        checkpoint=checkpoint,
-        model_type="vit_b",
-    )
+    return _build_sam(**_VIT_CONFIGS["vit_b"], checkpoint=checkpoint, model_type="vit_b")
 
 
 def build_sam_vit_t(checkpoint=None):
+    return _build_sam_vit_t(checkpoint=checkpoint)
+
+
+def _build_sam_vit_t(checkpoint=None, image_size: int = _IMAGE_SIZE) -> Sam:
     encoder = TinyViT(
-        img_size=_IMAGE_SIZE,
+        img_size=image_size,
         in_chans=3,
         num_classes=1000,
         embed_dims=[64, 128, 160, 320],
@@ -66,7 +57,7 @@ def build_sam_vit_t(checkpoint=None):
         local_conv_size=3,
         layer_lr_decay=0.8,
     )
-    return _assemble(encoder, checkpoint=checkpoint, model_type="vit_t")
+    return _assemble(encoder, checkpoint=checkpoint, model_type="vit_t", image_size=image_size)
 
 
 sam_model_registry: Dict[str, Callable[..., Sam]] = {
@@ -78,6 +69,22 @@ sam_model_registry: Dict[str, Callable[..., Sam]] = {
 }
 
 
+def _build(model_type: str, checkpoint=None, image_size: int = _IMAGE_SIZE) -> Sam:
+    """Any registry model at a given square input size (multiple of 64; SAM's is 1024).
+
+    For experiments and tests that need a smaller input (distillation at 256 pixels, say): no
+    parameter of TinyViT, the prompt encoder or the mask decoder depends on the input size, so
+    weights trained at one size load at another. The ViT's position embedding does depend on it.
+    """
+    if model_type == "default":
+        model_type = "vit_h"
+    if model_type == "vit_t":
+        return _build_sam_vit_t(checkpoint=checkpoint, image_size=image_size)
+    if model_type not in _VIT_CONFIGS:
+        raise ValueError(f"unknown model type {model_type!r}; choose one of {sorted(sam_model_registry)}")
+    return _build_sam(**_VIT_CONFIGS[model_type], checkpoint=checkpoint, model_type=model_type, image_size=image_size)
+
+
 def _build_sam(
     encoder_embed_dim: int,
     encoder_depth: int,
@@ -85,11 +92,12 @@ def _build_sam(
     encoder_global_attn_indexes: Sequence[int],
     checkpoint=None,
     model_type: Optional[str] = None,
+    image_size: int = _IMAGE_SIZE,
 ) -> Sam:
     encoder = ImageEncoderViT(
         depth=encoder_depth,
         embed_dim=encoder_embed_dim,
-        img_size=_IMAGE_SIZE,
+        img_size=image_size,
         mlp_ratio=4,
         norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
         num_heads=encoder_num_heads,
@@ -100,18 +108,18 @@ def _build_sam(
         window_size=14,
         out_chans=_PROMPT_EMBED_DIM,
     )
-    return _assemble(encoder, checkpoint=checkpoint, model_type=model_type)
+    return _assemble(encoder, checkpoint=checkpoint, model_type=model_type, image_size=image_size)
 
 
-def _assemble(image_encoder: torch.nn.Module, checkpoint, model_type: Optional[str]) -> Sam:
+def _assemble(image_encoder: torch.nn.Module, checkpoint, model_type: Optional[str], image_size: int = _IMAGE_SIZE) -> Sam:
     """Wires an image encoder to SAM's prompt encoder and mask decoder, then loads weights."""
-    embedding_size = _IMAGE_SIZE // _VIT_PATCH_SIZE
+    embedding_size = image_size // _VIT_PATCH_SIZE
     sam = Sam(
         image_encoder=image_encoder,
         prompt_encoder=PromptEncoder(
             embed_dim=_PROMPT_EMBED_DIM,
             image_embedding_size=(embedding_size, embedding_size),
-            input_image_size=(_IMAGE_SIZE, _IMAGE_SIZE),
+            input_image_size=(image_size, image_size),
             mask_in_chans=16,
         ),
         mask_decoder=MaskDecoder(
