@@ -309,7 +309,9 @@ class TinyViT(nn.Module):
                                       activation=activation)
         res = self.patch_embed.patches_resolution
         self.patches_resolution = res
-        dpr = [float(x) for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        # Stochastic depth rising linearly over blocks (plain floats: works on the meta device).
+        total = sum(depths)
+        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
 
         # Stages run at S/4, S/8, S/16, S/16: the merge into the last stage keeps the resolution
         # so that the embedding is S/16 like SAM's ViT.
