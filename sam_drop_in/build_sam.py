@@ -136,8 +136,7 @@ def _assemble(image_encoder: torch.nn.Module, checkpoint, model_type: Optional[s
     if checkpoint is not None:
         # Local path or hf:// path, safetensors or safe pickle, any supported layout; the loader
         # converts to this model's key layout and raises a helpful error on a mismatch.
-        from .checkpoint import load_state_dict
+        from .checkpoint import load_into
 
-        state_dict = load_state_dict(checkpoint, model_type=model_type)
-        sam.load_state_dict(state_dict, strict=True)
+        load_into(sam, checkpoint, model_type=model_type)
     return sam
