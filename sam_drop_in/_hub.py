@@ -350,3 +350,29 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                              commit_message=commit_message)
     return str(getattr(info, "commit_url", info))
+
+
+def push_error_message(exc: BaseException, folder: str | os.PathLike, repo_id: str) -> str:
+    """Explain a failed :func:`push_folder`: what failed, the HTTP status, and what to do.
+
+    huggingface_hub wraps some failures (an LFS upload raises ``RuntimeError("Error while
+    uploading ...")`` from the HTTP error), so the whole cause chain is reported.
+    """
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and e not in chain and len(chain) < 5:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    detail = " <- ".join(f"{type(c).__name__}: {(str(c).strip().splitlines() or [''])[0]}" for c in chain)
+    codes = [getattr(getattr(c, "response", None), "status_code", None) for c in chain]
+    status = next((c for c in codes if c is not None), None)
+    if status in (401, 403):
+        hint = ("the Hub refused the credentials: log in with `hf auth login` (or set HF_TOKEN) using a token "
+                f"with write access to {repo_id!r}")
+    else:
+        hint = "the Hub failed or could not be reached"
+    return (
+        f"converted to {os.fspath(folder)!r}, but uploading to Hub repo {repo_id!r} failed "
+        f"({f'HTTP {status}, ' if status is not None else ''}{detail}); {hint}. The converted folder is complete: "
+        f"upload it alone with `hf upload {repo_id} {os.fspath(folder)}` or run the conversion again"
+    )

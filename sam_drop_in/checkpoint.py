@@ -467,9 +467,6 @@ def convert(
         try:
             _hub.push_folder(dst, push_to_hub, private=private)
         except Exception as exc:
-            raise CheckpointError(
-                f"converted to {str(dst)!r}, but uploading to Hub repo {push_to_hub!r} failed ({type(exc).__name__}: "
-                f"{exc}); log in with `hf auth login` (a write token) and retry the upload"
-            ) from exc
+            raise CheckpointError(_hub.push_error_message(exc, dst, push_to_hub)) from exc
     return weights
 

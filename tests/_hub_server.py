@@ -13,13 +13,45 @@ calls to download files and list a repo:
   ``X-Repo-Commit``, ``ETag`` (sha256) and ``Content-Length``, honouring ``Range: bytes=N-``
   (206). The client follows this same-host redirect for its metadata HEAD and downloads from it.
 - ``GET /api/models/{owner}/{repo}/tree/{revision}``: JSON list of files (``HfApi.list_repo_files``).
+- ``GET /api/models/{owner}/{repo}[/revision/{revision}]``: repo info (``HfApi.repo_info``; the
+  client asks for it when a commit would change nothing, and in ``create_repo`` after a 401/403).
+
+Upload routes (``HfApi.create_repo`` + ``HfApi.upload_folder`` with ``HF_HUB_DISABLE_XET=1``, i.e.
+the legacy LFS path of ``create_commit``). When ``token`` is set, each of them except the
+upload URL (which stands in for a pre-signed S3 URL) wants ``Authorization: Bearer <token>``,
+else 401.
+
+- ``POST /api/repos/create`` ``{"name", "organization", "type", "visibility"?}``: 200 ``{"url"}``;
+  409 ``{"error", "url"}`` if the repo exists (with ``exist_ok=True`` the client takes that as
+  success and reads ``url``).
+- ``POST /api/validate-yaml`` ``{"content", "repoType"}``: README.md front matter check; 400
+  ``{"errors"}`` when the ``---`` block is not closed.
+- ``POST /api/models/{owner}/{repo}/preupload/{revision}`` ``{"files": [{"path", "sample", "size"}]}``:
+  ``{"files": [{"path", "uploadMode": "lfs"|"regular", "shouldIgnore", "oid"}]}``; weights
+  suffixes and files over 10 MiB are LFS; ``oid`` is the file's current oid on the branch
+  (sha256 for LFS, git blob sha1 otherwise) so the client can skip unchanged files.
+- ``POST /{owner}/{repo}.git/info/lfs/objects/batch`` (git-lfs batch API, ``operation: upload``):
+  per object either no ``actions`` (already stored in this repo) or ``actions.upload.href`` (the
+  PUT URL below) and ``actions.verify.href``.
+- ``PUT /api/_loopback/lfs-upload/{owner}/{repo}/{sha256}``: the object's bytes (Content-Length
+  body); 400 if their sha256 or size differ from what the batch announced, 403 if the batch
+  did not announce it.
+- ``POST /{owner}/{repo}.git/info/lfs/objects/verify`` ``{"oid", "size"}``: 200 if stored, else 404.
+- ``POST /api/models/{owner}/{repo}/commit/{revision}`` (NDJSON: a ``header`` line, then ``file``
+  (base64), ``lfsFile`` (oid of an object uploaded to this repo), ``deletedFile``,
+  ``deletedFolder`` lines): applies them to the branch head (an empty repo's ``main`` starts
+  empty) and answers ``{"commitOid", "commitUrl"}``. 412 if ``parentCommit`` is not the head.
+  Committed files are then served by the download routes above.
 
 Faults, per path in repo: ``"500"`` (every resolve answers 500) and ``"truncate"``
 (the blob's first GET sends half the bytes, then drops the connection; later GETs answer 500,
-so the client's resume attempts fail fast).
+so the client's resume attempts fail fast). Per upload route, ``route_faults[name] = status``
+makes that route answer ``status``; names: ``create``, ``preupload``, ``lfs-batch``,
+``lfs-upload``, ``lfs-verify``, ``commit``.
 
-It binds 127.0.0.1 only, serves at most ``max_requests`` requests and shuts itself down
-after ``lifetime`` seconds even if a test forgets to stop it.
+It binds 127.0.0.1 only, serves at most ``max_requests`` requests, reads request bodies of
+at most ``max_body`` bytes (413 beyond), and shuts itself down after ``lifetime`` seconds
+even if a test forgets to stop it.
 
 Run as a script (``python tests/_hub_server.py``) it is a worker: it reads JSON commands
 from stdin, one per line, and answers one JSON line each. Tests start it with HF_ENDPOINT /
@@ -28,6 +60,7 @@ HF_HOME / HF_HUB_OFFLINE in its environment, because huggingface_hub reads those
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -40,6 +73,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+LFS_MIN_SIZE = 10 * 2**20  # the Hub stores bigger files in LFS whatever their name
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,10 +92,18 @@ def state_digest(sd) -> str:
 class FakeHub:
     """Repos, commits and blobs served over HTTP on 127.0.0.1."""
 
-    def __init__(self, lifetime: float = 120.0, max_requests: int = 400):
-        self.repos: dict[str, dict] = {}  # repo_id -> {"refs": {name: commit}, "commits": {commit: {path: bytes}}}
+    def __init__(self, lifetime: float = 120.0, max_requests: int = 400, *, token: str | None = None,
+                 user: str = "me", max_body: int = 256 * 2**20):
+        # repo_id -> {"refs": {name: commit}, "commits": {commit: {path: bytes}},
+        #             "private": bool, "lfs": {sha256 uploaded to this repo}}
+        self.repos: dict[str, dict] = {}
         self.blobs: dict[str, bytes] = {}  # sha256 -> bytes
         self.faults: dict[str, str] = {}  # path in repo -> "500" | "truncate"
+        self.route_faults: dict[str, int] = {}  # upload route name -> HTTP status to answer
+        self.token, self.user, self.max_body = token, user, max_body
+        # One entry per commit received through the API: repo, revision, summary, {path: op key}.
+        self.commit_log: list[dict] = []
+        self._announced: dict[tuple[str, str], int] = {}  # (repo_id, sha256) -> size, from the LFS batch
         self._truncated: set[str] = set()
         self.requests: list[tuple[str, str]] = []
         self.lifetime, self.max_requests = lifetime, max_requests
@@ -71,12 +113,18 @@ class FakeHub:
         self._conns: set = set()  # open client sockets, closed on stop() (keep-alive would outlive it)
 
     # -- content ---------------------------------------------------------
-    def add_commit(self, repo_id: str, files: dict[str, bytes], branch: str = "main", tags: tuple = ()) -> str:
+    def create_repo(self, repo_id: str, private: bool = False) -> dict:
+        return self.repos.setdefault(repo_id, {"refs": {}, "commits": {}, "private": private, "lfs": set()})
+
+    def add_commit(self, repo_id: str, files: dict[str, bytes], branch: str = "main", tags: tuple = (),
+                   parent: str | None = None) -> str:
         """Add a commit holding exactly ``files``; move ``branch`` (and tags) to it. Returns its sha."""
         h = hashlib.sha1(repo_id.encode())
+        if parent:
+            h.update(parent.encode())
         for p in sorted(files):
             h.update(p.encode() + hashlib.sha256(files[p]).digest())
-        repo = self.repos.setdefault(repo_id, {"refs": {}, "commits": {}})
+        repo = self.create_repo(repo_id)
         commit = h.hexdigest()
         repo["commits"][commit] = dict(files)
         for ref in (branch, *tags):
@@ -186,11 +234,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._route()
 
+    def do_POST(self) -> None:
+        self._route_write()
+
+    def do_PUT(self) -> None:
+        self._route_write()
+
     def _route(self) -> None:
         if not self._count():
             return
         parts = urlsplit(self.path)
-        path = unquote(parts.path)
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+?)(?:/revision/([^/]+))?", parts.path)
+        if m:
+            return self._revision_info(unquote(m.group(1)), unquote(m.group(2) or "main"))
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", parts.path)
         if m:
             return self._tree(unquote(m.group(1)), unquote(m.group(2)))
@@ -201,6 +257,223 @@ class _Handler(BaseHTTPRequestHandler):
         if m:
             return self._resolve(unquote(m.group(1)), unquote(m.group(2)), unquote(m.group(3)))
         self._send(404, {"X-Error-Message": "no such route"})
+
+    def _revision_info(self, repo_id: str, revision: str) -> None:
+        repo, commit, err = self.owner.lookup(repo_id, revision)
+        if err:
+            return self._send(404, {"X-Error-Code": err})
+        files = repo["commits"][commit]
+        body = json.dumps({
+            "id": repo_id, "sha": commit, "private": bool(repo.get("private")),
+            "siblings": [{"rfilename": p} for p in sorted(files)],
+        }).encode()
+        self._send(200, {"Content-Type": "application/json"}, body)
+
+    # -- upload side -------------------------------------------------------
+    def _read_body(self) -> bytes | None:
+        """The request body, or None when it is chunked (the client sends Content-Length) or over ``max_body``."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return None
+        n = int(self.headers.get("Content-Length") or 0)
+        return None if n > self.owner.max_body else self.rfile.read(n)
+
+    def _json(self, status: int, obj, content_type: str = "application/json", headers: dict | None = None) -> None:
+        self._send(status, {"Content-Type": content_type, **(headers or {})}, json.dumps(obj).encode())
+
+    def _error(self, status: int, message: str, code: str | None = None) -> None:
+        headers = {"X-Error-Message": message}
+        if code:
+            headers["X-Error-Code"] = code
+        self._json(status, {"error": message}, headers=headers)
+
+    def _route_write(self) -> None:
+        if not self._count():
+            self.close_connection = True  # the unread body must not be taken for the next request
+            return
+        body = self._read_body()
+        if body is None:
+            self.close_connection = True
+            return self._error(413, f"request body chunked or over the loopback hub's limit ({self.owner.max_body} bytes)")
+        path = urlsplit(self.path).path
+        routes = [
+            ("POST", r"/api/repos/create", "create", self._create_repo),
+            ("POST", r"/api/validate-yaml", "validate-yaml", self._validate_yaml),
+            ("POST", r"/api/models/([^/]+/[^/]+)/preupload/([^/]+)", "preupload", self._preupload),
+            ("POST", r"/api/models/([^/]+/[^/]+)/commit/([^/]+)", "commit", self._commit),
+            ("POST", r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", "lfs-batch", self._lfs_batch),
+            ("POST", r"/([^/]+/[^/]+)\.git/info/lfs/objects/verify", "lfs-verify", self._lfs_verify),
+            ("PUT", r"/api/_loopback/lfs-upload/([^/]+/[^/]+)/([0-9a-f]{64})", "lfs-upload", self._lfs_put),
+        ]
+        for method, pattern, name, fn in routes:
+            m = re.fullmatch(pattern, path)
+            if m and method == self.command:
+                status = self.owner.route_faults.get(name)
+                if status:
+                    return self._error(status, f"{name} failed (injected)")
+                # The upload URL stands in for a pre-signed storage URL: no Hub token there.
+                token = self.owner.token
+                if token and name != "lfs-upload" and self.headers.get("Authorization") != f"Bearer {token}":
+                    return self._error(401, "Invalid credentials in Authorization header")
+                try:
+                    return fn(body, *(unquote(g) for g in m.groups()))
+                except (ValueError, KeyError, TypeError) as exc:  # malformed request body
+                    return self._error(400, f"bad request to {name}: {type(exc).__name__}: {exc}")
+        self._error(404, "no such route")
+
+    def _repo_or_404(self, repo_id: str):
+        repo = self.owner.repos.get(repo_id)
+        if repo is None:
+            self._error(404, f"Repository Not Found for url: {self.path}", "RepoNotFound")
+        return repo
+
+    def _head(self, repo: dict, revision: str) -> tuple[dict[str, bytes] | None, str | None]:
+        """Files and commit at a branch head; an empty repo's ``main`` is empty. (None, None) if unknown."""
+        commit = repo["refs"].get(revision)
+        if commit is not None:
+            return repo["commits"][commit], commit
+        if revision == "main" and not repo["refs"]:
+            return {}, None
+        return None, None
+
+    def _create_repo(self, body: bytes) -> None:
+        hub = self.owner
+        payload = json.loads(body)
+        if payload.get("type", "model") != "model":
+            return self._error(400, "the loopback hub only has model repos")
+        name, org = payload["name"], payload.get("organization") or hub.user
+        if not re.fullmatch(r"[\w.-]+", name) or not re.fullmatch(r"[\w.-]+", org):
+            return self._error(400, f"invalid repo name {org}/{name}")
+        repo_id = f"{org}/{name}"
+        with hub._lock:
+            exists = repo_id in hub.repos
+            if not exists:
+                hub.create_repo(repo_id, private=payload.get("visibility") == "private")
+        if exists:
+            # With exist_ok=True the client reads the repo URL from this 409 answer.
+            msg = "You already created this model repo"
+            return self._json(409, {"error": msg, "url": f"{hub.url}/{repo_id}"}, headers={"X-Error-Message": msg})
+        self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
+
+    def _validate_yaml(self, body: bytes) -> None:
+        content = json.loads(body)["content"]
+        lines = content.splitlines()
+        if lines and lines[0].strip() == "---" and not any(l.strip() == "---" for l in lines[1:]):
+            return self._json(400, {"errors": [{"message": "metadata block is not closed by '---'"}], "warnings": []})
+        self._json(200, {"errors": [], "warnings": []})
+
+    def _preupload(self, body: bytes, repo_id: str, revision: str) -> None:
+        repo = self._repo_or_404(repo_id)
+        if repo is None:
+            return
+        files, _ = self._head(repo, revision)
+        if files is None:
+            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        out = []
+        for f in json.loads(body)["files"]:
+            path, size = f["path"], int(f["size"])
+            base64.b64decode(f["sample"], validate=True)
+            lfs = path.endswith(LFS_SUFFIXES) or size > LFS_MIN_SIZE
+            old = files.get(path)
+            oid = None
+            if old is not None:
+                oid = hashlib.sha256(old).hexdigest() if lfs else hashlib.sha1(b"blob %d\0" % len(old) + old).hexdigest()
+            out.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
+        self._json(200, {"files": out, "commitOid": None})
+
+    def _lfs_batch(self, body: bytes, repo_id: str) -> None:
+        hub = self.owner
+        repo = self._repo_or_404(repo_id)
+        if repo is None:
+            return
+        payload = json.loads(body)
+        if payload.get("operation") != "upload":
+            return self._error(400, "the loopback hub's LFS batch endpoint only takes uploads")
+        objects = []
+        for obj in payload["objects"]:
+            oid, size = obj["oid"], int(obj["size"])
+            if not re.fullmatch(r"[0-9a-f]{64}", oid):
+                raise ValueError(f"oid {oid!r} is not a sha256")
+            entry = {"oid": oid, "size": size}
+            if oid not in repo["lfs"]:
+                with hub._lock:
+                    hub._announced[(repo_id, oid)] = size
+                entry["authenticated"] = True
+                entry["actions"] = {
+                    "upload": {"href": f"{hub.url}/api/_loopback/lfs-upload/{repo_id}/{oid}"},
+                    "verify": {"href": f"{hub.url}/{repo_id}.git/info/lfs/objects/verify"},
+                }
+            objects.append(entry)
+        self._json(200, {"transfer": "basic", "objects": objects}, content_type="application/vnd.git-lfs+json")
+
+    def _lfs_put(self, body: bytes, repo_id: str, oid: str) -> None:
+        hub = self.owner
+        size = hub._announced.get((repo_id, oid))
+        if size is None:
+            return self._error(403, "upload URL not issued by the LFS batch endpoint")
+        if len(body) != size or hashlib.sha256(body).hexdigest() != oid:
+            return self._error(400, f"uploaded object does not match oid {oid} / size {size}")
+        with hub._lock:
+            hub.blobs[oid] = body
+            hub.repos[repo_id]["lfs"].add(oid)
+        self._send(200)
+
+    def _lfs_verify(self, body: bytes, repo_id: str) -> None:
+        repo = self._repo_or_404(repo_id)
+        if repo is None:
+            return
+        obj = json.loads(body)
+        oid = obj["oid"]
+        if oid in repo["lfs"] and len(self.owner.blobs[oid]) == int(obj["size"]):
+            return self._json(200, {})
+        self._error(404, f"LFS object {oid} not found")
+
+    def _commit(self, body: bytes, repo_id: str, revision: str) -> None:
+        hub = self.owner
+        if "create_pr" in urlsplit(self.path).query:
+            return self._error(400, "pull requests are not supported by the loopback hub")
+        repo = self._repo_or_404(repo_id)
+        if repo is None:
+            return
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        if not lines or lines[0].get("key") != "header":
+            return self._error(400, "commit payload must start with a header line")
+        header = lines[0]["value"]
+        with hub._lock:
+            files, head = self._head(repo, revision)
+            if files is None:
+                return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            if header.get("parentCommit") not in (None, head):
+                return self._error(412, "A commit has happened since. Please refresh and try again.")
+            files = dict(files)
+            ops = {}
+            for line in lines[1:]:
+                key, value = line["key"], line["value"]
+                path = value["path"]
+                if key == "file":
+                    if value.get("encoding") != "base64":
+                        raise ValueError("file content must be base64")
+                    files[path] = base64.b64decode(value["content"], validate=True)
+                elif key == "lfsFile":
+                    oid = value["oid"]
+                    if value.get("algo", "sha256") != "sha256" or oid not in repo["lfs"]:
+                        return self._error(422, f"LFS object {oid} for {path!r} was not uploaded to {repo_id}")
+                    if "size" in value and int(value["size"]) != len(hub.blobs[oid]):
+                        return self._error(422, f"size of {path!r} does not match LFS object {oid}")
+                    files[path] = hub.blobs[oid]
+                elif key == "deletedFile":
+                    if files.pop(path, None) is None:
+                        return self._error(404, "A file with this name doesn't exist", "EntryNotFound")
+                elif key == "deletedFolder":
+                    prefix = path.rstrip("/") + "/"
+                    files = {p: d for p, d in files.items() if not p.startswith(prefix)}
+                else:
+                    raise ValueError(f"unknown commit operation {key!r}")
+                ops[path] = key
+            commit = hub.add_commit(repo_id, files, branch=revision, parent=head)
+            hub.commit_log.append({"repo": repo_id, "revision": revision, "commit": commit,
+                                   "summary": header.get("summary", ""), "ops": ops})
+        self._json(200, {"success": True, "commitOid": commit, "commitUrl": f"{hub.url}/{repo_id}/commit/{commit}",
+                         "hookOutput": ""})
 
     def _tree(self, repo_id: str, revision: str) -> None:
         repo, commit, err = self.owner.lookup(repo_id, revision)
@@ -291,7 +564,8 @@ def closed_port() -> int:
 class Worker:
     """A Python subprocess with its own HF_* environment that loads checkpoints on request."""
 
-    def __init__(self, endpoint: str, hf_home: str | os.PathLike, offline: bool = False, timeout: float = 60.0):
+    def __init__(self, endpoint: str, hf_home: str | os.PathLike, offline: bool = False, timeout: float = 60.0,
+                 token: str | None = None):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
         env.update({
             "HF_ENDPOINT": endpoint,
@@ -306,6 +580,8 @@ class Worker:
         })
         if offline:
             env["HF_HUB_OFFLINE"] = "1"
+        if token:
+            env["HF_TOKEN"] = token
         self.timeout = timeout
         self.hf_home = str(hf_home)
         self.proc = subprocess.Popen(
@@ -352,6 +628,9 @@ def _worker_main() -> None:
 
     from sam_drop_in import checkpoint
 
+    # Answers go to the real stdout; anything a library prints goes to stderr instead.
+    answers, sys.stdout = sys.stdout, sys.stderr
+
     # The client retries 5xx and connection errors with 1-8 s back-off (about 23 s per
     # failing file). The requests still happen; only the waiting is skipped, to keep CI fast.
     http.time = _NoSleep()
@@ -364,6 +643,26 @@ def _worker_main() -> None:
             if op == "load":
                 sd = checkpoint.load_state_dict(cmd["source"], model_type=cmd.get("model_type"))
                 out = {"ok": True, "n": len(sd), "digest": state_digest(sd)}
+            elif op == "build":
+                from sam_drop_in.build_sam import sam_model_registry
+
+                model = sam_model_registry[cmd["model_type"]](checkpoint=cmd["checkpoint"])
+                sd = model.state_dict()
+                out = {"ok": True, "n": len(sd), "digest": state_digest(sd)}
+            elif op == "convert":
+                path = checkpoint.convert(cmd["src"], cmd["dst"], cmd.get("model_type"),
+                                          push_to_hub=cmd.get("push_to_hub"), private=cmd.get("private"))
+                out = {"ok": True, "path": str(path)}
+            elif op == "cli":
+                import contextlib
+                import io
+
+                from sam_drop_in import cli
+
+                o, e = io.StringIO(), io.StringIO()
+                with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+                    rc = cli.main(cmd["argv"])
+                out = {"ok": True, "rc": rc, "stdout": o.getvalue(), "stderr": e.getvalue()}
             elif op == "cached":
                 from huggingface_hub import try_to_load_from_cache
 
@@ -373,8 +672,8 @@ def _worker_main() -> None:
                 out = {"ok": False, "types": [], "message": f"unknown op {op}"}
         except Exception as exc:  # report any failure back to the test
             out = {"ok": False, "types": [c.__name__ for c in type(exc).__mro__], "message": str(exc)}
-        sys.stdout.write(json.dumps(out) + "\n")
-        sys.stdout.flush()
+        answers.write(json.dumps(out) + "\n")
+        answers.flush()
 
 
 if __name__ == "__main__":
