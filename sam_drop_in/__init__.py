@@ -4,20 +4,38 @@ Change ``from segment_anything import ...`` to ``from sam_drop_in import ...``; 
 stays. ``sam_model_registry["vit_t"]`` adds the 5.7M-parameter encoder.
 """
 
-from .build_sam import (
-    build_sam,
-    build_sam_vit_b,
-    build_sam_vit_h,
-    build_sam_vit_l,
-    build_sam_vit_t,
-    sam_model_registry,
-)
-from .predictor import SamPredictor
+try:
+    import torch as _torch  # noqa: F401
+except ImportError:
+    # A torch-free install (numpy, pillow, onnxruntime) can still use
+    # sam_drop_in.onnx_predictor; the torch API names raise an actionable error below.
+    _HAS_TORCH = False
+else:
+    _HAS_TORCH = True
+    from .build_sam import (
+        build_sam,
+        build_sam_vit_b,
+        build_sam_vit_h,
+        build_sam_vit_l,
+        build_sam_vit_t,
+        sam_model_registry,
+    )
+    from .predictor import SamPredictor
 
 __version__ = "0.1.0"
 
+_TORCH_NAMES = {
+    "build_sam", "build_sam_vit_h", "build_sam_vit_l", "build_sam_vit_b", "build_sam_vit_t",
+    "sam_model_registry", "SamPredictor", "SamAutomaticMaskGenerator", "SamHierarchicalMaskGenerator",
+}
+
 
 def __getattr__(name):
+    if name in _TORCH_NAMES and not _HAS_TORCH:
+        raise ImportError(
+            f"sam_drop_in.{name} needs PyTorch (pip install torch). Without torch, use "
+            "sam_drop_in.onnx_predictor.SamOnnxPredictor with exported ONNX models."
+        )
     # The generators are imported on first use so that `import sam_drop_in` stays light.
     if name == "SamAutomaticMaskGenerator":
         from .automatic_mask_generator import SamAutomaticMaskGenerator
