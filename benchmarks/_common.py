@@ -1,0 +1,146 @@
+"""Helpers shared by the speed benchmark: identical weights for ours and the reference, real
+photographs, FLOP counting, matmul rate, peak memory, mask agreement."""
+
+import os
+import statistics
+import sys
+import time
+import warnings
+from typing import Callable, List, Tuple
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+warnings.filterwarnings("ignore", module="timm")
+warnings.filterwarnings("ignore", message=".*Overwriting tiny_vit.*")
+
+REFERENCE = {"vit_t": "mobile_sam", "vit_b": "segment_anything"}
+IMAGE_NAMES = ("coffee.jpg", "astronaut.jpg", "chelsea.jpg")
+
+
+def load_images() -> List[np.ndarray]:
+    from compat_tests.conftest import load_image
+
+    return [load_image(n) for n in IMAGE_NAMES]
+
+
+def build_pair(model_type: str, device: str = "cpu", seed: int = 0):
+    """(ours, reference) with the same perturbed random weights, both in eval mode."""
+    import importlib
+
+    import sam_drop_in
+    from compat_tests.conftest import perturbed_state_dict
+
+    ref_mod = importlib.import_module(REFERENCE[model_type])
+    torch.manual_seed(seed)
+    ref = ref_mod.sam_model_registry[model_type]()
+    sd = perturbed_state_dict(ref.state_dict(), seed=seed)
+    ref.load_state_dict(sd)
+    ref.eval()  # MobileSAM's attention-bias cache is stale until eval() runs after loading
+    ours = sam_drop_in.sam_model_registry[model_type]()
+    ours.load_state_dict(sd)
+    return ours.to(device), ref.to(device), sd
+
+
+def build_ours(model_type: str, sd, device: str = "cpu"):
+    import sam_drop_in
+
+    m = sam_drop_in.sam_model_registry[model_type]()
+    m.load_state_dict(sd)
+    return m.to(device).eval()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def median(xs: List[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def matmul_rate(dtype: torch.dtype, device: str, n: int = 2048, reps: int = 5) -> float:
+    """Median FLOP/s of an n x n x n matrix product."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    times = [timed(lambda: a @ b, device) for _ in range(reps)]
+    return 2 * n**3 / median(times)
+
+
+def _sdpa_cpu_flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    # FlopCounterMode has no formula for the CPU flash kernel: QK^T and PV, 2 FLOPs per MAC.
+    *batch, l, e = q_shape
+    s, ev = k_shape[-2], v_shape[-1]
+    return 2 * int(np.prod(batch)) * l * s * (e + ev)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {}
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None:
+        mapping[op] = _sdpa_cpu_flops
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def vmhwm_mib() -> float:
+    """Peak resident memory of this process (VmHWM), MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def quality_prompts(h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A 3x3 grid of points and 8 boxes, in original pixels (deterministic)."""
+    xs, ys = np.meshgrid(np.linspace(0.2, 0.8, 3) * w, np.linspace(0.2, 0.8, 3) * h)
+    points = torch.tensor(np.stack([xs.ravel(), ys.ravel()], 1)[:, None, :], dtype=torch.float)
+    rng = np.random.default_rng(0)
+    lo = rng.uniform(0.05, 0.45, (8, 2)) * [w, h]
+    hi = lo + rng.uniform(0.2, 0.5, (8, 2)) * [w, h]
+    boxes = torch.tensor(np.concatenate([lo, np.minimum(hi, [w - 1, h - 1])], 1), dtype=torch.float)
+    return points, boxes
+
+
+@torch.no_grad()
+def predict_quality_masks(predictor, image: np.ndarray) -> torch.Tensor:
+    """All multimask masks for quality_prompts on ``image``: Mx H x W bool (M = (9 + 8) * 3)."""
+    predictor.set_image(image)
+    h, w = image.shape[:2]
+    points, boxes = quality_prompts(h, w)
+    dev = predictor.device
+    pts = predictor.transform.apply_coords_torch(points, (h, w)).to(dev)
+    m1, _, _ = predictor.predict_torch(pts, torch.ones(pts.shape[:2], dtype=torch.int, device=dev))
+    bxs = predictor.transform.apply_boxes_torch(boxes, (h, w)).to(dev)
+    m2, _, _ = predictor.predict_torch(None, None, boxes=bxs)
+    return torch.cat([m1.flatten(0, 1), m2.flatten(0, 1)]).cpu()
+
+
+def mean_iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean IoU of paired bool masks (M x H x W); pairs empty in both count as agreeing (1)."""
+    inter = (a & b).flatten(1).sum(1).double()
+    union = (a | b).flatten(1).sum(1).double()
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    return float(iou.mean())

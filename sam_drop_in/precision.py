@@ -1,0 +1,146 @@
+"""One switch for reduced precision, quantisation and compilation of a built SAM model.
+
+    from sam_drop_in import sam_model_registry, SamPredictor
+    from sam_drop_in.precision import optimize
+
+    sam = optimize(sam_model_registry["vit_t"](checkpoint="mobile_sam.pt"), mode="int8")
+    predictor = SamPredictor(sam)   # same API, same output dtypes as in fp32
+
+Modes:
+  - ``"fp32"``: nothing changes (the exact fast paths are always on).
+  - ``"bf16"``: the image encoder and mask decoder run in bfloat16 (CUDA, or a CPU with
+    AVX-512 BF16 / AMX; on other CPUs bf16 is emulated and slower than fp32, and a warning says so).
+  - ``"fp16"``: float16 on CUDA only.
+  - ``"int8"``: dynamic int8 quantisation of every ``nn.Linear`` of the image encoder and mask
+    decoder (weights int8, activations quantised on the fly), CPU only.
+
+Every mode keeps the public API of upstream ``segment_anything``: the model still takes and
+returns float32 tensors at its module boundaries (the image encoder's embedding, the mask
+decoder's logits and IoU scores), so ``SamPredictor`` returns bool masks and float32 scores and
+logits, and ``get_image_embedding()`` is float32. The reduced precision lives inside the image
+encoder and the mask decoder; the prompt encoder (under 0.1% of the work) stays float32.
+"""
+
+import warnings
+from typing import Any, Dict, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["MODES", "optimize", "cpu_has_native_bf16"]
+
+MODES = ("fp32", "bf16", "fp16", "int8")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_ATTR = "_sam_drop_in_precision"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products in hardware (AVX-512 BF16 or AMX).
+
+    Returns:
+      (bool): True when oneDNN reports native bf16 support.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def optimize(model: nn.Module, mode: str = "fp32", compile: bool = False) -> nn.Module:
+    """Prepares a built SAM model for fast inference in the chosen precision, in place.
+
+    Move the model to its device first (``model.to("cuda")``), then call this; the model is
+    meant for inference afterwards (an int8 model's state dict holds packed weights and no longer
+    loads into a float model).
+
+    Arguments:
+      model (Sam): a model from ``sam_model_registry`` / ``build_sam_*`` (any image encoder).
+      mode (str): "fp32", "bf16", "fp16" (CUDA only) or "int8" (CPU only).
+      compile (bool): also ``torch.compile`` the image encoder and mask decoder in place (state
+        dict keys unchanged). The first call then takes a while to compile; on CPU it needs a
+        C++ compiler.
+
+    Returns:
+      (Sam): the same model object, in eval mode, with float32 inputs and outputs at the module
+        boundaries whatever the mode.
+
+    Raises ValueError (with what to do instead) for an unknown mode, fp16 off CUDA, int8 on
+    CUDA, or a model already optimised.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}.")
+    for name in ("image_encoder", "prompt_encoder", "mask_decoder"):
+        if not isinstance(getattr(model, name, None), nn.Module):
+            raise ValueError(f"optimize() expects a SAM model with an `{name}` submodule, got {type(model).__name__}.")
+    done = getattr(model, _ATTR, None)
+    if done is not None:
+        if done == (mode, compile):
+            return model
+        raise ValueError(
+            f"this model was already optimised with mode={done[0]!r}, compile={done[1]}; "
+            "build (or load) a fresh model to choose another mode."
+        )
+    device = next(model.parameters()).device
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError(
+            f"mode='fp16' needs a CUDA device but the model is on {device.type}: move it first with "
+            "model.to('cuda'), or on CPU use mode='bf16' (CPUs with AVX-512 BF16) or mode='int8'."
+        )
+    if mode == "int8" and device.type != "cpu":
+        raise ValueError(
+            f"mode='int8' (dynamic quantisation) runs on CPU only but the model is on {device.type}; "
+            "on CUDA use mode='bf16' or mode='fp16'."
+        )
+    model.eval()
+    if mode == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn(
+            "this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 is emulated and slower than fp32 "
+            "here; prefer mode='int8' or mode='fp32' on this machine.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if mode in _DTYPES:
+        dtype = _DTYPES[mode]
+        for part in (model.image_encoder, model.mask_decoder):
+            part.to(dtype)
+            _cast_at_boundary(part, dtype)
+    elif mode == "int8":
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():
+            # torch 2.14 deprecates the quantized tensor type that quantize_dynamic packs its
+            # weights into (pytorch#184982); it still works, and its successor (torchao) is not
+            # a dependency of this package. The deprecation is stated in docs/speed.md.
+            warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated.*")
+            for name in ("image_encoder", "mask_decoder"):
+                quantize_dynamic(getattr(model, name), {nn.Linear}, dtype=torch.qint8, inplace=True)
+    if compile:
+        model.image_encoder.compile()
+        model.mask_decoder.compile()
+    setattr(model, _ATTR, (mode, compile))
+    return model
+
+
+def _cast(x: Any, dtype: torch.dtype) -> Any:
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
+        if x.ndim > 0 and x.shape[0] > 1 and x.stride(0) == 0:
+            # A batch-expanded view (the shared 'no mask' embedding): cast one copy and expand
+            # again, so the decoder still sees it as shared and computes the image side once.
+            return x[:1].to(dtype).expand(x.shape)
+        return x.to(dtype)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_cast(v, dtype) for v in x)
+    return x
+
+
+def _cast_at_boundary(module: nn.Module, dtype: torch.dtype) -> None:
+    """Inputs cast to ``dtype`` on the way in, floating outputs back to float32 on the way out."""
+
+    def pre(_module: nn.Module, args: Tuple, kwargs: Dict) -> Tuple[Tuple, Dict]:
+        return _cast(args, dtype), {k: _cast(v, dtype) for k, v in kwargs.items()}
+
+    def post(_module: nn.Module, _args: Tuple, _kwargs: Dict, output: Any) -> Any:
+        return _cast(output, torch.float32)
+
+    module.register_forward_pre_hook(pre, with_kwargs=True)
+    module.register_forward_hook(post, with_kwargs=True)
