@@ -1,0 +1,205 @@
+"""Everything mode, side by side: sam_drop_in's generators against mobile_sam's, vit_t, same weights.
+
+    python benchmarks/bench_amg.py            # full run (several minutes per reference run)
+    python benchmarks/bench_amg.py --quick    # smaller grids and image
+
+Each run happens in its own child process, one after another, so its peak resident memory
+(VmHWM, which sees torch's allocations, unlike tracemalloc) is its own. Times are wall-clock of
+``generate`` only (model building and weight loading excluded); the image embedding is part of
+it, as in real use. Machines are noisy: read the ratios.
+
+Workloads:
+- "defaults": upstream's default arguments (32x32 grid; 16x16 with --quick). Random weights
+  never pass the default IoU threshold and their logits stay below 1, so the weights are made
+  confident deterministically (mask logits scaled x1000, IoU head shifted +0.85): masks survive
+  the default filters, and the hierarchical mode's high_score_thresh=8.5 is reachable.
+- "thresholds 0": pred_iou_thresh=0 and stability_score_thresh=0, plain random weights: every
+  mask is upsampled, scored, boxed and RLE-encoded before the NMS (16x16; 8x8 with --quick).
+- "hierarchical": our SamHierarchicalMaskGenerator against our full-grid generator, defaults,
+  confident weights; it reports how many full-grid masks the hierarchical output recovers
+  (a mask with IoU >= 0.9).
+"""
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import time
+import warnings
+from typing import Any, Dict, List
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _vmhwm_mib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _image(quick: bool) -> np.ndarray:
+    from PIL import Image
+    import skimage.data
+
+    size = (512, 384) if quick else (1024, 768)
+    return np.asarray(Image.fromarray(skimage.data.coffee()).resize(size, Image.BILINEAR))
+
+
+def _state_dict(confident: bool):
+    import torch
+    import mobile_sam
+
+    torch.manual_seed(0)
+    sd = mobile_sam.sam_model_registry["vit_t"]().state_dict()
+    if confident:
+        for i in range(4):
+            for p in ("weight", "bias"):
+                key = f"mask_decoder.output_hypernetworks_mlps.{i}.layers.2.{p}"
+                sd[key] = sd[key] * 1000.0
+        key = "mask_decoder.iou_prediction_head.layers.2.bias"
+        sd[key] = sd[key] + 0.85
+    return sd
+
+
+def _child(impl: str, kind: str, kwargs: Dict[str, Any], confident: bool, quick: bool, queue) -> None:
+    warnings.filterwarnings("ignore")
+    sys.path.insert(0, ROOT)
+    import torch
+
+    sd = _state_dict(confident)
+    if impl == "mobile_sam":
+        import mobile_sam
+
+        model = mobile_sam.sam_model_registry["vit_t"]()
+        model.load_state_dict(sd)
+        model.eval()  # mobile_sam's attention-bias cache needs eval() after loading
+        gen = mobile_sam.SamAutomaticMaskGenerator(model, **kwargs)
+    else:
+        import sam_drop_in
+
+        model = sam_drop_in.sam_model_registry["vit_t"]()
+        model.load_state_dict(sd)
+        cls = sam_drop_in.SamHierarchicalMaskGenerator if kind == "hierarchical" else sam_drop_in.SamAutomaticMaskGenerator
+        gen = cls(model, **kwargs)
+    image = _image(quick)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        records = gen.generate(image)
+    seconds = time.perf_counter() - t0
+    queue.put({"seconds": seconds, "peak_mib": _vmhwm_mib(), "records": records})
+
+
+def run(impl: str, kind: str, kwargs: Dict[str, Any], confident: bool, quick: bool) -> Dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(impl, kind, kwargs, confident, quick, queue))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    return out
+
+
+def agreement(ref: List[Dict[str, Any]], ours: List[Dict[str, Any]]) -> str:
+    if len(ref) != len(ours):
+        return f"DIFFERENT: {len(ref)} vs {len(ours)} records"
+    from sam_drop_in.utils.amg import rle_to_mask
+
+    bad, notes = 0, []
+    for i, (a, b) in enumerate(zip(ref, ours)):
+        diffs = [k for k in ("bbox", "area", "point_coords", "crop_box") if a[k] != b[k]]
+        for k in ("predicted_iou", "stability_score"):
+            if not (abs(a[k] - b[k]) <= 1e-4 or (np.isnan(a[k]) and np.isnan(b[k]))):
+                diffs.append(f"{k} {a[k]:.6g}/{b[k]:.6g}")
+        if a["segmentation"] != b["segmentation"]:
+            px = int((rle_to_mask(a["segmentation"]) != rle_to_mask(b["segmentation"])).sum())
+            diffs.append(f"mask ({px} px)")
+        if diffs:
+            bad += 1
+            if len(notes) < 3:
+                notes.append(f"#{i}: " + ", ".join(diffs))
+    if bad == 0:
+        return f"identical ({len(ref)} records)"
+    return f"{bad} of {len(ref)} records differ: " + "; ".join(notes)
+
+
+def recovered(full: List[Dict[str, Any]], hier: List[Dict[str, Any]], thresh: float = 0.9) -> int:
+    from sam_drop_in.utils.amg import rle_to_mask
+
+    if not full or not hier:
+        return 0
+    h_masks = np.stack([rle_to_mask(r["segmentation"]).ravel() for r in hier]).astype(np.float32)
+    count = 0
+    for r in full:
+        m = rle_to_mask(r["segmentation"]).ravel().astype(np.float32)
+        inter = h_masks @ m
+        union = h_masks.sum(1) + m.sum() - inter
+        count += bool((inter / np.maximum(union, 1) >= thresh).any())
+    return count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="16x16 / 8x8 grids and a 512x384 image")
+    parser.add_argument(
+        "--only", choices=["defaults", "zero", "hierarchical"], action="append",
+        help="run only these workloads (repeatable); hierarchical also runs our full grid to compare",
+    )
+    args = parser.parse_args()
+    q = args.quick
+    only = set(args.only or ["defaults", "zero", "hierarchical"])
+    rle = {"output_mode": "uncompressed_rle"}  # records travel between processes; masks compared as RLE
+    side_default = 16 if q else 32
+    side_zero = 8 if q else 16
+
+    rows = []
+
+    def line(name, r):
+        rows.append((name, r["seconds"], r["peak_mib"], len(r["records"])))
+        print(f"  {name:<42s} {r['seconds']:8.1f} s  peak {r['peak_mib']:7.0f} MiB  {len(r['records']):5d} masks", flush=True)
+
+    print(f"image {'512x384' if q else '1024x768'} (skimage coffee), vit_t, torch threads {os.cpu_count()} cores")
+
+    kw = dict(points_per_side=side_default, **rle)
+    our_d = None
+    if "defaults" in only:
+        print(f"\n[defaults] points_per_side={side_default}, confident weights")
+        ref_d = run("mobile_sam", "amg", kw, True, q)
+        line("mobile_sam SamAutomaticMaskGenerator", ref_d)
+        our_d = run("sam_drop_in", "amg", kw, True, q)
+        line("sam_drop_in SamAutomaticMaskGenerator", our_d)
+        print(f"  speed-up x{ref_d['seconds'] / our_d['seconds']:.2f}, records {agreement(ref_d['records'], our_d['records'])}")
+
+    if "zero" in only:
+        print(f"\n[thresholds 0] points_per_side={side_zero}, pred_iou_thresh=0, stability_score_thresh=0, random weights")
+        kw0 = dict(points_per_side=side_zero, pred_iou_thresh=0.0, stability_score_thresh=0.0, **rle)
+        ref_0 = run("mobile_sam", "amg", kw0, False, q)
+        line("mobile_sam SamAutomaticMaskGenerator", ref_0)
+        our_0 = run("sam_drop_in", "amg", kw0, False, q)
+        line("sam_drop_in SamAutomaticMaskGenerator", our_0)
+        print(f"  speed-up x{ref_0['seconds'] / our_0['seconds']:.2f}, records {agreement(ref_0['records'], our_0['records'])}")
+
+    if "hierarchical" not in only:
+        return
+    print(f"\n[hierarchical] points_per_side={side_default}, defaults, confident weights")
+    if our_d is None:
+        our_d = run("sam_drop_in", "amg", kw, True, q)
+        line("sam_drop_in SamAutomaticMaskGenerator", our_d)
+    our_h = run("sam_drop_in", "hierarchical", kw, True, q)
+    line("sam_drop_in SamHierarchicalMaskGenerator", our_h)
+    print(
+        f"  x{our_d['seconds'] / our_h['seconds']:.2f} faster than our full grid; recovers "
+        f"{recovered(our_d['records'], our_h['records'])} of {len(our_d['records'])} full-grid masks (IoU >= 0.9)"
+    )
+
+
+if __name__ == "__main__":
+    main()
