@@ -531,3 +531,18 @@ def test_external_data_is_gathered_into_one_file(decoder_paths, sessions, torch_
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
     for g, r in zip(got, sessions[17].run(None, feeds)):
         np.testing.assert_array_equal(g, r)
+
+
+def test_onnx_example_runs(encoder_path, decoder_paths, out_dir):
+    """examples/onnx_predict.py, as a user runs it, on the committed image with exported models."""
+    out = out_dir / "example_overlay.png"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "onnx_predict.py"), "--encoder", str(encoder_path),
+         "--decoder", str(decoder_paths[17]), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from PIL import Image
+
+    with Image.open(out) as im, Image.open(REPO / "examples" / "images" / "chelsea.jpg") as src:
+        assert im.size[1] == src.size[1] and im.size[0] >= src.size[0]
