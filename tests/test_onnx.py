@@ -71,18 +71,9 @@ PROMPTS = {
 def _perturb(state_dict, seed=0):
     # Fresh models have zero biases, unit BatchNorm statistics and zero attention biases; move
     # them all so a dropped or mis-wired term in the exported graph shows up.
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in state_dict.items():
-        if not v.is_floating_point():
-            out[k] = v.clone()
-        elif k.endswith("running_var"):
-            out[k] = 0.5 + torch.rand(v.shape, generator=g)
-        elif k.endswith("running_mean"):
-            out[k] = 0.1 * torch.randn(v.shape, generator=g)
-        else:
-            out[k] = v + 0.02 * torch.randn(v.shape, generator=g)
-    return out
+    from compat_tests.conftest import perturbed_state_dict
+
+    return perturbed_state_dict(state_dict, seed=seed)
 
 
 @pytest.fixture(scope="module")
