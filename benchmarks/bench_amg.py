@@ -31,19 +31,8 @@ from typing import Any, Dict, List
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _vmhwm_mib() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import vmhwm_mib  # noqa: E402  (benchmarks/_common.py)
 
 
 def _image(quick: bool) -> np.ndarray:
@@ -95,7 +84,7 @@ def _child(impl: str, kind: str, kwargs: Dict[str, Any], confident: bool, quick:
     with torch.no_grad():
         records = gen.generate(image)
     seconds = time.perf_counter() - t0
-    queue.put({"seconds": seconds, "peak_mib": _vmhwm_mib(), "records": records})
+    queue.put({"seconds": seconds, "peak_mib": vmhwm_mib(), "records": records})
 
 
 def run(impl: str, kind: str, kwargs: Dict[str, Any], confident: bool, quick: bool) -> Dict[str, Any]:
