@@ -27,12 +27,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MODEL_TYPES = ("default", "vit_h", "vit_l", "vit_b", "vit_t")
 
 
-def _registry():
-    from sam_drop_in.build_sam import sam_model_registry
-
-    return sam_model_registry
-
-
 def _canonical_type(model_type: str) -> str:
     if model_type not in MODEL_TYPES:
         raise ValueError(
@@ -53,12 +47,15 @@ def build_tinyvit(image_size: int = DEFAULT_IMAGE_SIZE) -> nn.Module:
     return build_sam_sized("vit_t", image_size).image_encoder
 
 
-def build_sam_sized(model_type: str, image_size: int = DEFAULT_IMAGE_SIZE) -> nn.Module:
-    """Build a SAM model of ``model_type`` with random weights for a square input of ``image_size``.
+def build_sam_sized(model_type: str, image_size: int = DEFAULT_IMAGE_SIZE, checkpoint: Optional[str] = None) -> nn.Module:
+    """Build a SAM model of ``model_type`` for a square input of ``image_size``.
 
     Arguments:
       model_type (str): one of default, vit_h, vit_l, vit_b, vit_t.
       image_size (int): input side in pixels; 1024 is the published size. Must be a multiple of 64.
+      checkpoint (str or None): local or ``hf://`` weights, loaded strictly; None keeps random
+        weights. A mismatch (e.g. a ViT position embedding trained at another size) raises
+        CheckpointError, a ValueError naming the keys or shapes.
 
     Returns:
       Sam: the model in eval mode, same state-dict keys as segment_anything's.
@@ -68,7 +65,7 @@ def build_sam_sized(model_type: str, image_size: int = DEFAULT_IMAGE_SIZE) -> nn
     model_type = _canonical_type(model_type)
     if image_size % 64 != 0 or image_size <= 0:
         raise ValueError(f"image_size must be a positive multiple of 64, got {image_size}.")
-    return _build(model_type, image_size=image_size)
+    return _build(model_type, checkpoint=None if checkpoint is None else str(checkpoint), image_size=image_size)
 
 
 def read_state_dict(checkpoint: str, model_type: str) -> Dict[str, torch.Tensor]:
@@ -94,8 +91,7 @@ def load_sam(
 ) -> nn.Module:
     """Build a SAM model and load its weights strictly.
 
-    At 1024 pixels this is ``sam_model_registry[model_type](checkpoint=checkpoint)``; other sizes
-    build the same architecture at that size and load the file with the same loader.
+    At 1024 pixels this equals ``sam_model_registry[model_type](checkpoint=checkpoint)``.
 
     Arguments:
       model_type (str): registry model type.
@@ -106,20 +102,7 @@ def load_sam(
     Returns:
       Sam: in eval mode on ``device``.
     """
-    model_type = _canonical_type(model_type)
-    if image_size == DEFAULT_IMAGE_SIZE:
-        sam = _registry()[model_type](checkpoint=None if checkpoint is None else str(checkpoint))
-    else:
-        sam = build_sam_sized(model_type, image_size)
-        if checkpoint is not None:
-            state = read_state_dict(checkpoint, model_type)
-            try:
-                sam.load_state_dict(state, strict=True)
-            except RuntimeError as exc:
-                raise ValueError(
-                    f"Checkpoint {checkpoint} does not fit a {model_type} model at image size "
-                    f"{image_size} (position embeddings depend on the size for ViT models): {exc}"
-                ) from exc
+    sam = build_sam_sized(model_type, image_size, checkpoint)
     sam.to(device)
     sam.eval()
     return sam
