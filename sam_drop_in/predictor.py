@@ -5,7 +5,8 @@ import torch
 
 from ._errors import InputError
 from ._validation import check_box, check_image, check_mask_input, check_point_prompts
-from .modeling import Sam
+from .modeling import MaskDecoder, Sam, TwoWayTransformer
+from .modeling.transformer import ImageSide
 from .utils.transforms import ResizeLongestSide
 
 
@@ -152,17 +153,49 @@ class SamPredictor:
         _check_torch_prompts(point_coords, point_labels, boxes, mask_input)
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse_embeddings, dense_embeddings = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        extra = {}
+        if mask_input is None and _decoder_takes_image_side(self.model.mask_decoder):
+            image_pe, extra["image_side"] = self._decoder_image_side()
+        else:
+            image_pe = self.model.prompt_encoder.get_dense_pe()
         low_res_masks, iou_predictions = self.model.mask_decoder(
             image_embeddings=self.features,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            image_pe=image_pe,
             sparse_prompt_embeddings=sparse_embeddings,
             dense_prompt_embeddings=dense_embeddings,
             multimask_output=multimask_output,
+            **extra,
         )
         masks = self.model.postprocess_masks(low_res_masks, self.input_size, self.original_size)
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, iou_predictions, low_res_masks
+
+    def _decoder_image_side(self) -> Tuple[torch.Tensor, ImageSide]:
+        """The positional encoding and the decoder's prompt-independent work for the set image
+        (prompts without mask input), computed on the first predict and kept while the image,
+        the prompt encoder's and the decoder's weights are unchanged (interactive clicking on one
+        image pays for it once)."""
+        prompt_encoder, decoder = self.model.prompt_encoder, self.model.mask_decoder
+        # The features tensor and the modules themselves are kept with the key and compared by
+        # identity: assigning predictor.features directly (precomputed embeddings) or replacing
+        # layers (quantisation) makes a new entry, and nothing compared can be freed and its
+        # address reused meanwhile. Tensors are compared by address and in-place version.
+        objects = (self.features, *prompt_encoder.modules(), *decoder.modules())
+        versions = _tensors_key([self.features, *prompt_encoder.parameters(), *prompt_encoder.buffers(),
+                                 *decoder.parameters(), *decoder.buffers()])
+        cached = self._image_side
+        if (
+            cached is None
+            or len(cached[0][0]) != len(objects)
+            or any(a is not b for a, b in zip(cached[0][0], objects))
+            or cached[0][1] != versions
+        ):
+            key = (objects, versions)
+            image_pe = prompt_encoder.get_dense_pe()
+            _, dense = prompt_encoder(points=None, boxes=None, masks=None)
+            self._image_side = (key, image_pe, decoder.prepare_image(self.features, image_pe, dense))
+        return self._image_side[1], self._image_side[2]
 
     def get_image_embedding(self) -> torch.Tensor:
         """The embedding of the set image, 1xCxHxW (C = 256, H = W = 64 for SAM)."""
@@ -178,10 +211,26 @@ class SamPredictor:
         """Forgets the set image and its embedding."""
         self.is_image_set = False
         self.features = None
+        self._image_side = None
         self.orig_h = None
         self.orig_w = None
         self.input_h = None
         self.input_w = None
+
+
+def _decoder_takes_image_side(decoder: torch.nn.Module) -> bool:
+    """Whether ``decoder`` is this package's MaskDecoder and TwoWayTransformer, not overridden."""
+    return (
+        type(decoder).forward is MaskDecoder.forward
+        and type(decoder).predict_masks is MaskDecoder.predict_masks
+        and type(getattr(decoder, "transformer", None)).forward is TwoWayTransformer.forward
+    )
+
+
+def _tensors_key(tensors) -> Tuple:
+    """Identity and in-place-modification count of each tensor: changes when any is replaced,
+    moved, or written in place (optimizer steps, load_state_dict)."""
+    return tuple((t.device, t.data_ptr(), t._version) for t in tensors)
 
 
 def _check_torch_prompts(point_coords, point_labels, boxes, mask_input) -> None:

@@ -1,3 +1,4 @@
+import math
 from typing import Any, Dict, List, Tuple, Union
 
 import torch
@@ -106,9 +107,28 @@ class Sam(nn.Module):
           (torch.Tensor): BxCxHxW float logits, (H, W) = original_size.
         """
         size = self.image_encoder.img_size
-        masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
+        low = masks.shape[-1]
+        input_size = tuple(int(s) for s in input_size)
+        if masks.shape[-2] == low and size % low == 0:
+            # Only the unpadded input region is kept, so only the low-res rows and columns that
+            # reach it are upsampled. Bilinear output pixel y reads source rows floor(src) and
+            # floor(src)+1, src = (y + 0.5) / f - 0.5 with f = size / low; upsampling the kept
+            # block by the same integer factor f uses the same src and weights, so the values are
+            # identical to upsampling everything and cropping.
+            f = size // low
+            keep = [min(low, max(math.floor((n - 0.5) / f - 0.5), 0) + 2) for n in input_size]
+            # The kernel vectorises along a row in blocks of 16 output values: keep whole blocks
+            # so that every kept value comes out of the same code path as before.
+            keep[1] = low if 16 % f else min(low, -(-keep[1] * f // 16) * 16 // f)
+            masks = F.interpolate(masks[..., : keep[0], : keep[1]], (keep[0] * f, keep[1] * f),
+                                  mode="bilinear", align_corners=False)
+        else:
+            masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
-        return F.interpolate(masks, tuple(int(s) for s in original_size), mode="bilinear", align_corners=False)
+        original_size = tuple(int(s) for s in original_size)
+        if original_size == input_size:
+            return masks  # resizing to the same size is the identity (every weight 1 or 0)
+        return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Normalises pixel values and pads to a square img_size input. x: 3xHxW or Bx3xHxW."""
