@@ -13,8 +13,10 @@ Workloads:
   never pass the default IoU threshold and their logits stay below 1, so the weights are made
   confident deterministically (mask logits scaled x1000, IoU head shifted +0.85): masks survive
   the default filters, and the hierarchical mode's high_score_thresh=8.5 is reachable.
-- "thresholds 0": pred_iou_thresh=0 and stability_score_thresh=0, plain random weights: every
-  mask is upsampled, scored, boxed and RLE-encoded before the NMS (16x16; 8x8 with --quick).
+- "thresholds 0": pred_iou_thresh=0, stability_score_thresh=0 and box_nms_thresh=1.0, plain
+  random weights: every mask is upsampled, scored, boxed, RLE-encoded and kept (random-weight
+  masks are near-identical, so the default NMS would leave one record and the agreement check
+  would see almost nothing) (16x16; 8x8 with --quick).
 - "hierarchical": our SamHierarchicalMaskGenerator against our full-grid generator, defaults,
   confident weights; it reports how many full-grid masks the hierarchical output recovers
   (a mask with IoU >= 0.9).
@@ -168,8 +170,9 @@ def main() -> None:
         print(f"  speed-up x{ref_d['seconds'] / our_d['seconds']:.2f}, records {agreement(ref_d['records'], our_d['records'])}")
 
     if "zero" in only:
-        print(f"\n[thresholds 0] points_per_side={side_zero}, pred_iou_thresh=0, stability_score_thresh=0, random weights")
-        kw0 = dict(points_per_side=side_zero, pred_iou_thresh=0.0, stability_score_thresh=0.0, **rle)
+        print(f"\n[thresholds 0] points_per_side={side_zero}, pred_iou_thresh=0, stability_score_thresh=0, "
+              "box_nms_thresh=1, random weights")
+        kw0 = dict(points_per_side=side_zero, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, **rle)
         ref_0 = run("mobile_sam", "amg", kw0, False, q)
         line("mobile_sam SamAutomaticMaskGenerator", ref_0)
         our_0 = run("sam_drop_in", "amg", kw0, False, q)

@@ -28,15 +28,16 @@ HERE = Path(__file__).resolve().parent
 
 class PromptCounter:
     """Counts the prompts the mask decoder decodes (the cost the hierarchical mode saves),
-    with a forward pre-hook, so the model itself is untouched."""
+    with a forward pre-hook on its two-way transformer, which every decoded prompt goes
+    through; the model itself is untouched."""
 
     def __init__(self, decoder: torch.nn.Module) -> None:
         self.prompts = 0
-        decoder.register_forward_pre_hook(self._hook, with_kwargs=True)
+        decoder.transformer.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, _module, args, kwargs):
-        sparse = kwargs.get("sparse_prompt_embeddings", args[2] if len(args) > 2 else None)
-        self.prompts += int(sparse.shape[0])
+        tokens = kwargs.get("point_embedding", args[2] if len(args) > 2 else None)
+        self.prompts += int(tokens.shape[0])
 
 
 def matched_share(reference, candidates, thresh: float = 0.5) -> float:

@@ -257,16 +257,8 @@ class SamAutomaticMaskGenerator:
             starts = tqdm(starts, desc="decoding prompts", unit="batch")
         for start in starts:
             pts = points[start : start + batch]
-            low_res, iou = self._decode_batch(pts, im_size)
-            n_masks = low_res.shape[1]
-            low_res = low_res.flatten(0, 1)
-            iou = iou.flatten(0, 1)
-            pts_rep = np.repeat(pts, n_masks, axis=0)
-            # The IoU filter needs no mask: apply it before anything is upsampled.
-            if self.pred_iou_thresh > 0.0:
-                keep = iou > self.pred_iou_thresh
-                low_res, iou = low_res[keep], iou[keep]
-                pts_rep = pts_rep[keep.cpu().numpy()]
+            low_res, iou, keep = self._decode_batch(pts, im_size)
+            pts_rep = np.repeat(pts, keep.shape[1], axis=0)[keep.flatten().cpu().numpy()]
             for c in range(0, low_res.shape[0], _UPSAMPLE_CHUNK):
                 out = self._score_and_encode(
                     low_res[c : c + _UPSAMPLE_CHUNK], crop_box, orig_size, covered, high_score_thresh
@@ -326,24 +318,48 @@ class SamAutomaticMaskGenerator:
             return None
         return mask_to_rle_pytorch(uncrop_masks(masks, crop_box, orig_h, orig_w)), bx, stab, idx
 
-    def _decode_batch(self, points: np.ndarray, im_size: Tuple[int, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Low-resolution logits Bx3x256x256 and predicted IoUs Bx3 for B single-point prompts.
+    def _decode_batch(
+        self, points: np.ndarray, im_size: Tuple[int, ...]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode B single-point prompts (3 masks each) and apply the predicted-IoU filter.
 
-        The same calls as SamPredictor.predict_torch, without its full-resolution upsampling.
+        The same model calls as SamPredictor.predict_torch, without its full-resolution
+        upsampling. The IoU filter needs no mask, so it comes first, and low-resolution logits
+        are computed only for prompts with at least one mask that passes it.
+
+        Returns:
+          (torch.Tensor): Kx256x256 low-res logits of the K masks that pass, prompt-major order.
+          (torch.Tensor): their K predicted IoUs.
+          (torch.Tensor): Bx3 bool, which masks pass.
         """
-        model = self.predictor.model
-        transformed = self.predictor.transform.apply_coords(points, im_size)
-        in_points = torch.as_tensor(transformed, device=self.predictor.device)
+        from .predictor import _decoder_takes_image_side
+
+        predictor = self.predictor
+        model = predictor.model
+        decoder = model.mask_decoder
+        transformed = predictor.transform.apply_coords(points, im_size)
+        in_points = torch.as_tensor(transformed, device=predictor.device)
         in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=in_points.device)
         sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None)
-        low_res, iou = model.mask_decoder(
-            image_embeddings=self.predictor.features,
-            image_pe=model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=True,
+        if not _decoder_takes_image_side(decoder):
+            low_res, iou = decoder(
+                image_embeddings=predictor.features,
+                image_pe=model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=True,
+            )
+            keep = iou > self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
+            return low_res[keep], iou[keep], keep
+        image_pe, image_side = predictor._decoder_image_side()
+        tokens, image_tokens, (h, w) = decoder.decode_tokens(
+            predictor.features, image_pe, sparse, dense, image_side=image_side
         )
-        return low_res, iou
+        iou = decoder.iou_prediction_head(tokens[:, 0, :])[:, 1:]  # multimask: tokens 1..3
+        keep = iou > self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
+        prompts = keep.any(dim=1).nonzero()[:, 0]
+        low_res = decoder.mask_logits(tokens[prompts], image_tokens[prompts], h, w)[:, 1:]
+        return low_res[keep[prompts]], iou[keep], keep
 
     @staticmethod
     def postprocess_small_regions(mask_data: MaskData, min_area: int, nms_thresh: float) -> MaskData:
