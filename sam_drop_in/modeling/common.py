@@ -39,3 +39,12 @@ class LayerNorm2d(nn.Module):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias=None, scale=None) -> torch.Tensor:
     """Softmax attention through PyTorch's fused kernel. q: ...xLxE, k: ...xSxE, v: ...xSxEv."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+def activate_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(x)``, overwriting ``x`` when ``act`` is a plain GELU and no gradient is recorded:
+    at inference this saves allocating (and the kernel zeroing) a fresh buffer per activation,
+    which on large tensors costs as much as the GELU itself."""
+    if type(act) is nn.GELU and not torch.is_grad_enabled():
+        return torch.ops.aten.gelu_(x, approximate=act.approximate)
+    return act(x)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, activate_
 from .transformer import PROMPT_CHUNK, ImageSide
 
 
@@ -193,9 +193,9 @@ class MaskDecoder(nn.Module):
         c1, c2 = conv1.out_channels, conv2.out_channels
         w1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.in_channels, 4 * c1)  # cin x (di, dj, cout)
         x = torch.matmul(keys, w1).view(b, h * w * 4, c1).add_(conv1.bias)
-        x = act1(nn.functional.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
+        x = activate_(act1, nn.functional.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
         w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
-        x = act2(torch.matmul(x, w2).view(b, h * w * 16, c2).add_(conv2.bias))
+        x = activate_(act2, torch.matmul(x, w2).view(b, h * w * 16, c2).add_(conv2.bias))
         logits = torch.matmul(x, hyper_in.transpose(1, 2))  # B x (h, w, di, dj, di2, dj2) x K
         k = hyper_in.shape[1]
         logits = logits.view(b, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)
