@@ -22,6 +22,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.utils import checkpoint as activation_checkpoint
 
+from . import common
 from .common import LayerNorm2d, activate_, attention
 
 
@@ -54,19 +55,19 @@ class Conv2d_BN(nn.Sequential):
 
 
 # Inference works on pieces whose intermediates stay in cache: the stage-0 blocks in strips of
-# rows (their 4x-expanded hidden tensor is 64 MB at 1024 px), the token MLPs in groups of tokens.
+# rows (their 4x-expanded hidden tensor is 64 MB at 1024 px), the token MLPs in groups of
+# common.ROW_GROUP tokens.
 # Every output value is computed from the same inputs by the same kernels, and the results are
 # bit-identical to the whole-image computation (tested; strips of 1-2 rows made oneDNN pick other
 # kernels, ~5e-6 apart, hence the minimum). Measured on 2 cores: an MBConv block 189 -> 85 ms, a
 # stage-1 MLP 66 -> 39 ms.
 _STRIP_BYTES = 4 << 20
 _MIN_STRIP_ROWS = 8
-_MLP_TOKENS = 2048
 
 
 def _strip_rows(x: torch.Tensor, channels: int) -> int:
-    """Rows per strip so that a strip of ``channels`` channels at x's width is _STRIP_BYTES."""
-    return max(_MIN_STRIP_ROWS, _STRIP_BYTES // (x.element_size() * x.shape[3] * channels))
+    """Rows per strip so that a strip of ``channels`` channels at x's batch and width is _STRIP_BYTES."""
+    return max(_MIN_STRIP_ROWS, _STRIP_BYTES // (x.element_size() * x.shape[0] * x.shape[3] * channels))
 
 
 def _in_strips(x: torch.Tensor, rows: int, conv: Conv2d_BN, before, after) -> torch.Tensor:
@@ -231,13 +232,10 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
-        if self.training or torch.is_grad_enabled() or x.shape[-2] <= _MLP_TOKENS:
+        if self.training or torch.is_grad_enabled() or x.numel() <= common.ROW_GROUP * x.shape[-1]:
             return self.drop(self.fc2(self.drop(self.act(self.fc1(self.norm(x))))))
-        out = x.new_empty(*x.shape[:-1], self.fc2.out_features)
-        for i in range(0, x.shape[-2], _MLP_TOKENS):
-            part = x[..., i : i + _MLP_TOKENS, :]
-            out[..., i : i + _MLP_TOKENS, :] = self.fc2(activate_(self.act, self.fc1(self.norm(part))))
-        return out
+        return common.in_row_groups(lambda part: self.fc2(activate_(self.act, self.fc1(self.norm(part)))),
+                                    x, self.fc2.out_features)
 
 
 class Attention(nn.Module):
