@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock, attention
+from .common import LayerNorm2d, MLPBlock, attention, eager_inference
 
 
 class ImageEncoderViT(nn.Module):
@@ -164,7 +164,7 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         if not self.use_rel_pos:
             out = attention(q, k, v, scale=self.scale)  # B x heads x N x hd
-        elif torch.is_grad_enabled() or b * self.num_heads * n * n * q.element_size() <= _WHOLE_BIAS_BYTES:
+        elif not eager_inference() or b * self.num_heads * n * n * q.element_size() <= _WHOLE_BIAS_BYTES:
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
             out = attention(q, k, v, bias=bias, scale=self.scale)
         else:

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import LayerNorm2d, activate_
+from .common import LayerNorm2d, activate_, eager_inference
 from .transformer import PROMPT_CHUNK, ImageSide
 
 
@@ -164,7 +164,7 @@ class MaskDecoder(nn.Module):
             upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(keys.shape[0], -1, h, w))
             _, c_up, h_up, w_up = upscaled.shape
             return (hyper_in @ upscaled.view(-1, c_up, h_up * w_up)).view(-1, hyper_in.shape[1], h_up, w_up)
-        step = PROMPT_CHUNK
+        step = PROMPT_CHUNK if eager_inference() else max(keys.shape[0], 1)
         return torch.cat([
             self._upscaled_logits(keys[i : i + step], hyper_in[i : i + step], h, w)
             for i in range(0, max(keys.shape[0], 1), step)  # one (empty) group when there are no prompts

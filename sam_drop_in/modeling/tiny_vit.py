@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils import checkpoint as activation_checkpoint
 
 from . import common
-from .common import LayerNorm2d, activate_, attention
+from .common import LayerNorm2d, activate_, attention, eager_inference
 
 
 class Conv2d_BN(nn.Sequential):
@@ -138,7 +138,7 @@ class MBConv(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x):
-        if not (self.training or torch.is_grad_enabled()):
+        if not self.training and eager_inference():
             rows = _strip_rows(x, self.hidden_chans)
             if x.shape[2] > rows and self.conv2.c.stride == (1, 1):
                 return self._forward_strips(x, rows)
@@ -178,7 +178,7 @@ class PatchMerging(nn.Module):
             h, w = self.input_resolution
             x = x.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
         rows = _strip_rows(x, self.out_dim)
-        if not (self.training or torch.is_grad_enabled()) and x.shape[2] > 2 * rows:
+        if not self.training and eager_inference() and x.shape[2] > 2 * rows:
             (w1, b1), (w3, b3) = self.conv1.folded(), self.conv3.folded()
             x = _in_strips(
                 x, rows, self.conv2,
@@ -232,7 +232,7 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
-        if self.training or torch.is_grad_enabled() or x.numel() <= common.ROW_GROUP * x.shape[-1]:
+        if self.training or not eager_inference() or x.numel() <= common.ROW_GROUP * x.shape[-1]:
             return self.drop(self.fc2(self.drop(self.act(self.fc1(self.norm(x))))))
         return common.in_row_groups(lambda part: self.fc2(activate_(self.act, self.fc1(self.norm(part)))),
                                     x, self.fc2.out_features)

@@ -26,7 +26,7 @@ from typing import List, NamedTuple, Optional, Tuple, Type
 import torch
 from torch import Tensor, nn
 
-from .common import MLPBlock, attention
+from .common import MLPBlock, attention, eager_inference
 
 # Prompts decoded together when they share the image side; measured on a 2-core CPU with a
 # 32 MB L3 (1: 35 ms/prompt, 2: 34, 4: 36, 16: 46), where larger groups spill the cache.
@@ -143,7 +143,7 @@ class TwoWayTransformer(nn.Module):
         shared = image_side.keys.shape[0] == 1
         if not shared and image_side.keys.shape[0] != b:
             raise ValueError(f"image side has batch {image_side.keys.shape[0]} but there are {b} prompts")
-        step = PROMPT_CHUNK if shared else max(b, 1)
+        step = PROMPT_CHUNK if shared and eager_inference() else max(b, 1)
         if b <= step:
             return self._decode(image_side, point_embedding)
         queries, keys = zip(*(self._decode(image_side, point_embedding[i : i + step]) for i in range(0, b, step)))
