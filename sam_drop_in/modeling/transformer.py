@@ -49,6 +49,13 @@ def _bias(linear: nn.Module) -> Tensor:
     return b() if callable(b) else b
 
 
+def _project(x: Tensor, linears: List[nn.Module], bias: Tensor) -> Tensor:
+    """``x`` (B x N x C) through several linear layers at once, side by side in one product, plus
+    ``bias`` (broadcast to B x N x sum of widths: the layers' biases and any positional term)."""
+    weight = torch.cat([_weight(linear) for linear in linears]) if len(linears) > 1 else _weight(linears[0])
+    return torch.matmul(x, weight.t()).add_(bias)
+
+
 class ImageSide(NamedTuple):
     """Prompt-independent work of a :class:`TwoWayTransformer` for one image side.
 
@@ -198,13 +205,6 @@ class TwoWayAttentionBlock(nn.Module):
         self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, downsample_rate=attention_downsample_rate)
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def _image_weights(self) -> Tuple[Tensor, Tensor]:
-        """Weights (3Ci x C) and biases (3Ci) of the three projections of image tokens."""
-        t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
-        weight = torch.cat([_weight(t2i.k_proj), _weight(t2i.v_proj), _weight(i2t.q_proj)])
-        bias = torch.cat([_bias(t2i.k_proj), _bias(t2i.v_proj), _bias(i2t.q_proj)])
-        return weight, bias
-
     def image_bias(self, pe: Tensor) -> Tensor:
         """P x HW x 3Ci: what the positional encoding ``pe`` (P x HW x C) and the biases add to
         the image tokens' projections (the value projection sees no positional encoding)."""
@@ -212,13 +212,13 @@ class TwoWayAttentionBlock(nn.Module):
 
     def project_image(self, keys: Tensor, bias: Tensor) -> Tensor:
         """B x HW x 3Ci projections of image tokens ``keys`` (B x HW x C), given ``image_bias``."""
-        weight, _ = self._image_weights()
-        return torch.matmul(keys, weight.t()).add_(bias)
+        t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
+        return _project(keys, [t2i.k_proj, t2i.v_proj, i2t.q_proj], bias)
 
     def project_image_queries(self, keys: Tensor, bias: Tensor) -> Tensor:
         """B x HW x Ci: only the image->token queries of :meth:`project_image`."""
         ci = self.cross_attn_image_to_token.internal_dim
-        return torch.matmul(keys, _weight(self.cross_attn_image_to_token.q_proj).t()).add_(bias[..., 2 * ci :])
+        return _project(keys, [self.cross_attn_image_to_token.q_proj], bias[..., 2 * ci :])
 
     def attend(
         self, queries: Tensor, query_pe: Tensor, keys: Tensor, proj: Tensor, image_bias: Optional[Tensor] = None
@@ -297,8 +297,7 @@ class Attention(nn.Module):
     def project_keys_values(self, x: Tensor, bias: Tensor) -> Tensor:
         """B x N x 2Ci: keys and values of ``x`` (B x N x C), ``bias`` holding the keys'
         positional term and both biases (as :meth:`TwoWayTransformer.prepare_image` makes it)."""
-        weight = torch.cat([_weight(self.k_proj), _weight(self.v_proj)])
-        return torch.matmul(x, weight.t()).add_(bias)
+        return _project(x, [self.k_proj, self.v_proj], bias)
 
     def attend_projected(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Attention and output projection of already projected q (Bq x Nq x Ci), k, v (Bk x Nk x Ci)."""
