@@ -22,7 +22,7 @@ else:
     )
     from .predictor import SamPredictor
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _TORCH_NAMES = {
     "build_sam", "build_sam_vit_h", "build_sam_vit_l", "build_sam_vit_b", "build_sam_vit_t",

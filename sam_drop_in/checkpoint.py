@@ -33,6 +33,7 @@ from typing import Any, Mapping, Union
 import torch
 
 from . import _hub, _layouts
+from ._errors import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
 from ._layouts import MODEL_TYPES, SEGMENT_ANYTHING
 from ._manifest import MANIFEST, MODEL_CARD_TEMPLATE, default_checkpoint, entries
 
@@ -53,17 +54,6 @@ __all__ = [
 
 Source = Union[str, "os.PathLike[str]"]
 
-
-class CheckpointError(ValueError, RuntimeError):
-    """A checkpoint could not be found, read, recognised or matched to the model."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """The local file, or the Hub repo / revision / file, does not exist."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A pickle asked to construct objects other than tensors; refused, nothing executed."""
 
 
 def _registry_hint(model_type: str) -> str:
