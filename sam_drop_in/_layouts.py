@@ -25,7 +25,6 @@ TRANSFORMERS = "transformers"
 
 # ViT variants of the image encoder: embed dim -> (model type, number of blocks).
 _VIT_BY_WIDTH = {768: ("vit_b", 12), 1024: ("vit_l", 24), 1280: ("vit_h", 32)}
-MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "vit_t")
 
 # Wrappers that training code puts around a state dict: DataParallel/DDP and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")

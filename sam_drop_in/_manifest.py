@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._constants import REGISTRY_KEYS, normalize_model_type
+
 _SAM_PAPER = "https://arxiv.org/abs/2304.02643"
 _MOBILESAM_PAPER = "https://arxiv.org/abs/2306.14289"
 _TINYSAM_PAPER = "https://arxiv.org/abs/2312.13789"
@@ -140,12 +142,12 @@ def default_checkpoint(model_type: str) -> str:
     Raises:
       ValueError: unknown model type.
     """
-    mt = "vit_h" if model_type == "default" else model_type
+    mt = normalize_model_type(model_type)
     for e in MANIFEST:
         if e["model_type"] == mt and e["default"]:
             rev = "" if e["revision"] in (None, "main") else f"@{e['revision']}"
             return f"hf://{e['repo']}{rev}/{e['file']}"
-    raise ValueError(f"unknown model type {model_type!r}; expected one of vit_h, vit_l, vit_b, vit_t, default")
+    raise ValueError(f"unknown model type {model_type!r}; expected one of {', '.join(REGISTRY_KEYS)}")
 
 
 def find(repo_id: str, filename: str | None = None) -> dict[str, Any] | None:

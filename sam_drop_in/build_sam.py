@@ -6,6 +6,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+from ._constants import PIXEL_MEAN, PIXEL_STD, REGISTRY_KEYS, normalize_model_type
+from .checkpoint import load_into
 from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TinyViT, TwoWayTransformer
 
 _PROMPT_EMBED_DIM = 256
@@ -60,13 +62,9 @@ def _build_sam_vit_t(checkpoint=None, image_size: int = _IMAGE_SIZE) -> Sam:
     return _assemble(encoder, checkpoint=checkpoint, model_type="vit_t", image_size=image_size)
 
 
-sam_model_registry: Dict[str, Callable[..., Sam]] = {
-    "default": build_sam_vit_h,
-    "vit_h": build_sam_vit_h,
-    "vit_l": build_sam_vit_l,
-    "vit_b": build_sam_vit_b,
-    "vit_t": build_sam_vit_t,
-}
+_BUILDERS = {"vit_h": build_sam_vit_h, "vit_l": build_sam_vit_l, "vit_b": build_sam_vit_b, "vit_t": build_sam_vit_t}
+# segment_anything's keys ("default" is vit_h), plus vit_t.
+sam_model_registry: Dict[str, Callable[..., Sam]] = {key: _BUILDERS[normalize_model_type(key)] for key in REGISTRY_KEYS}
 
 
 def _build(model_type: str, checkpoint=None, image_size: int = _IMAGE_SIZE) -> Sam:
@@ -76,8 +74,7 @@ def _build(model_type: str, checkpoint=None, image_size: int = _IMAGE_SIZE) -> S
     parameter of TinyViT, the prompt encoder or the mask decoder depends on the input size, so
     weights trained at one size load at another. The ViT's position embedding does depend on it.
     """
-    if model_type == "default":
-        model_type = "vit_h"
+    model_type = normalize_model_type(model_type)
     if model_type == "vit_t":
         return _build_sam_vit_t(checkpoint=checkpoint, image_size=image_size)
     if model_type not in _VIT_CONFIGS:
@@ -129,14 +126,12 @@ def _assemble(image_encoder: torch.nn.Module, checkpoint, model_type: Optional[s
             iou_head_depth=3,
             iou_head_hidden_dim=256,
         ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
+        pixel_mean=list(PIXEL_MEAN),
+        pixel_std=list(PIXEL_STD),
     )
     sam.eval()
     if checkpoint is not None:
         # Local path or hf:// path, safetensors or safe pickle, any supported layout; the loader
         # converts to this model's key layout and raises a helpful error on a mismatch.
-        from .checkpoint import load_into
-
         load_into(sam, checkpoint, model_type=model_type)
     return sam

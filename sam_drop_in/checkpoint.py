@@ -22,20 +22,24 @@ revision or file) is also a ``FileNotFoundError``, as ``open(checkpoint)`` was u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
-import tempfile
+import pickletools
+import re
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Union
 
 import torch
 
 from . import _hub, _layouts
+from ._constants import MODEL_TYPES, normalize_model_type
 from ._errors import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
-from ._layouts import MODEL_TYPES, SEGMENT_ANYTHING
-from ._manifest import MANIFEST, MODEL_CARD_TEMPLATE, default_checkpoint, entries
+from ._fileio import atomic_write, sha256_file
+from ._layouts import SEGMENT_ANYTHING
+from ._manifest import MANIFEST, MODEL_CARD_TEMPLATE, default_checkpoint, entries, find
+from ._version import __version__
 
 __all__ = [
     "CheckpointError",
@@ -54,26 +58,35 @@ __all__ = [
 
 Source = Union[str, "os.PathLike[str]"]
 
+# NaN/inf weights are refused unless the caller (allow_non_finite=True) or this variable allows them.
+ALLOW_NON_FINITE_ENV = "SAM_DROP_IN_ALLOW_NON_FINITE"
+# The files convert() writes into its output folder, config.json (the commit marker) last.
+_CONVERTED_FILES = ("model.safetensors", "README.md", "config.json")
 
 
 def _registry_hint(model_type: str) -> str:
     return f"sam_model_registry['{model_type}']"
 
 
-def resolve(source: Source) -> tuple[str, dict]:
+def resolve(source: Source, *, download_timeout: float | None = None) -> tuple[str, dict]:
     """Turn a checkpoint source into a local file path.
 
     Arguments:
       source (str | os.PathLike): local path or ``hf://`` address.
+      download_timeout (float | None): seconds allowed for the whole Hub fetch; None: the
+        ``SAM_DROP_IN_DOWNLOAD_TIMEOUT`` environment variable, else 1800.
 
     Returns:
       (tuple[str, dict]): the local path (inside the huggingface_hub cache for Hub
-      sources), and the sam-drop-in ``config.json`` of a Hub repo (empty dict otherwise).
+      sources), and the sam-drop-in ``config.json`` of a Hub repo or converted folder
+      (empty dict otherwise). When that config records ``weights_sha256``, the file has
+      been checked against it.
 
     Raises:
       CheckpointNotFoundError: the file, repo or revision does not exist.
-      CheckpointError: the Hub could not be reached and the file is not cached, or the
-        download failed or was corrupt.
+      CheckpointError: a malformed address; the Hub could not be reached in time and the file
+        is not cached; the download failed or was corrupt; the weights do not match the
+        ``weights_sha256`` of their ``config.json``.
     """
     if isinstance(source, (bytes, bytearray)):
         source = os.fsdecode(source)
@@ -83,7 +96,8 @@ def resolve(source: Source) -> tuple[str, dict]:
             f"got {type(source).__name__}"
         )
     if _hub.is_hf_uri(source):
-        path, config, _ = _hub.fetch(str(source), CheckpointError, CheckpointNotFoundError)
+        path, config, _ = _hub.fetch(str(source), download_timeout)
+        _verify_weights(path, config, f"Hub checkpoint {str(source)!r}")
         return path, config
     path = os.fspath(source)
     if path.startswith(("http://", "https://")):
@@ -97,10 +111,12 @@ def resolve(source: Source) -> tuple[str, dict]:
             f"hf://OWNER/REPO[@REVISION]/FILE, e.g. {default_checkpoint('vit_t')!r})"
         )
     if os.path.isdir(path):
-        for name in ("model.safetensors",):
-            if os.path.isfile(os.path.join(path, name)):
-                return os.path.join(path, name), _read_local_config(path)
-        raise CheckpointError(f"{path!r} is a directory without model.safetensors; pass the weights file itself")
+        weights = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(weights):
+            raise CheckpointError(f"{path!r} is a directory without model.safetensors; pass the weights file itself")
+        config = _read_local_config(path)
+        _verify_weights(weights, config, f"converted folder {path!r}")
+        return weights, config
     return path, {}
 
 
@@ -113,11 +129,140 @@ def _read_local_config(folder: str) -> dict:
         return {}
 
 
+# (real path, size, mtime_ns) -> sha256: a file is hashed once per process, not on every load.
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: str) -> str:
+    real = os.path.realpath(path)
+    name = os.path.basename(real)
+    if re.fullmatch(r"[0-9a-f]{64}", name) and os.sep + "blobs" + os.sep in real:
+        # A huggingface_hub cache blob is named by its sha256, and _hub.download checked that
+        # name against the content when it fetched the file.
+        return name
+    st = os.stat(real)
+    key = (real, st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        _SHA_MEMO[key] = sha256_file(real)
+    return _SHA_MEMO[key]
+
+
+def _verify_weights(path: str, config: Mapping[str, Any], origin: str) -> None:
+    """Check the weights against the ``weights_sha256`` that ``convert`` recorded beside them."""
+    expected = config.get("weights_sha256")
+    if not isinstance(expected, str) or config.get("weights") not in (None, os.path.basename(path)):
+        return
+    actual = _file_sha256(path)
+    if actual != expected.lower():
+        raise CheckpointError(
+            f"{origin}: {os.path.basename(path)} does not match its config.json (sha256 {actual[:12]}..., "
+            f"config.json records {expected[:12]}...); the folder mixes files of two conversions (one was "
+            "interrupted) or the weights were changed. Convert the source again (sam-drop-in convert), or pass "
+            "the weights file itself to skip this check"
+        )
+
+
 def _is_safetensors(path: str) -> bool:
     # A safetensors file is an 8-byte little-endian header length followed by a JSON object.
     with open(path, "rb") as f:
         head = f.read(9)
     return len(head) == 9 and head[8:9] == b"{"
+
+
+def _torch_reason(exc: BaseException) -> str:
+    """torch's own words for a load failure, without its advice to load with weights_only=False.
+
+    The weights-only unpickler re-raises its finding wrapped in a paragraph that suggests
+    retrying unsafely; the finding itself is the exception's context.
+    """
+    inner = exc.__context__ if isinstance(exc, pickle.UnpicklingError) and exc.__context__ is not None else exc
+    text = str(inner) or type(inner).__name__
+    sentences = re.split(r"(?<=[.!?])\s+|\n+", text)
+    kept = [s.strip() for s in sentences if s.strip() and "weights_only" not in s and "trusted source" not in s
+            and "torch.load" not in s and "file an issue" not in s]
+    return (" ".join(kept) or type(inner).__name__)[:300]
+
+
+# Globals torch's weights-only unpickler accepts by default: torch's own rebuild functions,
+# storages, dtypes and sizes, and a few containers. Anything else in a pickle is refused.
+_SAFE_GLOBAL_MODULES = ("torch", "torch.")
+_SAFE_GLOBALS = {"collections.OrderedDict", "builtins.set", "builtins.frozenset", "builtins.bytearray",
+                 "builtins.complex", "_codecs.encode", "builtins.slice", "builtins.range"}
+
+
+def _pickle_streams(path: str) -> list[bytes]:
+    """The pickle programs of a torch checkpoint: ``data.pkl`` of a zip file, else the file."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            return [z.read(n) for n in z.namelist() if n.endswith("data.pkl")]
+    with open(path, "rb") as f:
+        return [f.read(1 << 26)]  # a pickle that names globals does so near its start
+
+
+def _refused_globals(path: str) -> list[str]:
+    """Globals outside the weights-only set named by the complete pickles in a file.
+
+    Reads the opcodes only (pickletools), never executes them. A stream that does not parse to
+    its end is corrupt: its "globals" may be noise, so only complete pickles count. Legacy
+    torch files hold several pickles back to back; the first five are read.
+    """
+    found: list[str] = []
+    try:
+        streams = _pickle_streams(path)
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return found
+    for data in streams:
+        pos = 0
+        for _ in range(5):
+            if pos >= len(data):
+                break
+            names, strings, memo = [], [], {}
+            try:
+                for op, arg, at in pickletools.genops(data[pos:]):
+                    if op.name in ("GLOBAL", "INST"):
+                        names.append(str(arg).replace(" ", "."))
+                    elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
+                                     "SHORT_BINSTRING", "BINSTRING", "STRING"):
+                        strings.append(str(arg))
+                    elif op.name == "MEMOIZE" and strings:
+                        memo[len(memo)] = strings[-1]
+                    elif op.name in ("PUT", "BINPUT", "LONG_BINPUT") and strings:
+                        memo[arg] = strings[-1]
+                    elif op.name in ("GET", "BINGET", "LONG_BINGET") and arg in memo:
+                        strings.append(memo[arg])
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        names.append(f"{strings[-2]}.{strings[-1]}")
+                    if op.name == "STOP":
+                        pos += at + 1
+                        break
+                else:
+                    break  # ran out of bytes without STOP: truncated
+            except ValueError:  # an opcode pickle does not have, or an argument cut short
+                break
+            found += [n for n in names if not n.startswith(_SAFE_GLOBAL_MODULES) and n not in _SAFE_GLOBALS]
+    return found
+
+
+def _unpickling_error(path: str, exc: BaseException) -> CheckpointError:
+    """Tell a pickle that names a refused global (unsafe) from a file that is not a checkpoint."""
+    reason = _torch_reason(exc)
+    named = re.search(r"GLOBAL ([\w.]+)", reason)
+    refused = [named.group(1)] if named else _refused_globals(path)
+    if refused:
+        return UnsafeCheckpointError(
+            f"refused to load {path!r}: the pickle asks to create {refused[0]}, which is not a tensor or a plain "
+            "container. Nothing from it was executed. Pickles can run arbitrary code, so sam-drop-in only reads "
+            "plain state dicts. If you trust the file, load it with the code that wrote it, save the state dict "
+            "with safetensors.torch.save_file(), and pass that file."
+        )
+    return _corrupt(path, reason)
+
+
+def _corrupt(path: str, reason: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path!r} is not a valid checkpoint: it cannot be read as a PyTorch (.pt/.pth) or safetensors file "
+        f"(maybe truncated or corrupt: {reason}); download or convert it again"
+    )
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
@@ -131,8 +276,9 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
       / ``_orig_mod.`` prefixes stripped) and the format, "safetensors" or "pickle".
 
     Raises:
-      UnsafeCheckpointError: a pickle that needs more than tensors and containers.
-      CheckpointError: truncated, corrupt or not a state dict.
+      UnsafeCheckpointError: a well-formed pickle that names an object other than tensors and
+        containers (the message names it); nothing from it is executed.
+      CheckpointError: truncated, corrupt, not a checkpoint at all, or not a state dict.
     """
     path = os.fspath(path)
     try:
@@ -156,17 +302,14 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
             # pickle that names any other callable is rejected before it is called.
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            raise UnsafeCheckpointError(
-                f"refused to load {path!r}: the pickle asks to create objects other than tensors "
-                f"({str(exc).splitlines()[0][:300]}). Nothing from it was executed. Pickles can run arbitrary "
-                "code, so sam-drop-in only reads plain state dicts. If you trust the file, load it with the code "
-                "that wrote it, save the state dict with safetensors.torch.save_file(), and pass that file."
-            ) from None
+            raise _unpickling_error(path, exc) from None
         except Exception as exc:  # zip/EOF/format errors: the file is cut short or not a checkpoint
-            raise CheckpointError(
-                f"cannot read {path!r} as a PyTorch checkpoint (truncated, corrupt, or not a checkpoint: "
-                f"{type(exc).__name__}: {str(exc)[:300]}); download or convert it again"
-            ) from exc
+            reason = _torch_reason(exc)
+            if os.path.getsize(path) == 0:
+                reason = "the file is empty"
+            elif reason != type(exc).__name__:
+                reason = f"{type(exc).__name__}: {reason}"
+            raise _corrupt(path, reason) from exc
         fmt = "pickle"
     try:
         sd = _layouts.unwrap_container(obj)
@@ -207,7 +350,33 @@ def _convert(sd: dict[str, torch.Tensor], origin: str) -> tuple[dict[str, torch.
     return out, layout, info["model_type"]
 
 
-def load_state_dict(source: Source, model_type: str | None = None) -> dict[str, torch.Tensor]:
+def _model_type(model_type: str | None) -> str | None:
+    """Resolve the "default" alias; CheckpointError for a name that is no model type."""
+    found = normalize_model_type(model_type)
+    if found is not None and found not in MODEL_TYPES:
+        raise CheckpointError(f"unknown model_type {model_type!r}; expected one of {', '.join(MODEL_TYPES)} or 'default'")
+    return found
+
+
+def _allow_non_finite(flag: bool | None) -> bool:
+    """The caller's flag, else SAM_DROP_IN_ALLOW_NON_FINITE (1/true/yes/on or 0/false/no/off)."""
+    if flag is not None:
+        return bool(flag)
+    raw = os.environ.get(ALLOW_NON_FINITE_ENV, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise CheckpointError(f"{ALLOW_NON_FINITE_ENV}={raw!r} is not a yes/no value; use 1 or 0")
+
+
+def load_state_dict(
+    source: Source,
+    model_type: str | None = None,
+    *,
+    allow_non_finite: bool | None = None,
+    download_timeout: float | None = None,
+) -> dict[str, torch.Tensor]:
     """Load a checkpoint from any supported source and layout, in segment_anything's key layout.
 
     This is what every builder calls with its ``checkpoint=`` argument.
@@ -216,6 +385,10 @@ def load_state_dict(source: Source, model_type: str | None = None) -> dict[str, 
       source (str | os.PathLike): local path, ``hf://OWNER/REPO[@REV]/PATH`` or ``hf://OWNER/REPO[@REV]``.
       model_type (str | None): "vit_h", "vit_l", "vit_b" or "vit_t" ("default" = vit_h); when
         given, the file must hold that model type.
+      allow_non_finite (bool | None): accept NaN/inf weights (for research on broken runs);
+        None: the ``SAM_DROP_IN_ALLOW_NON_FINITE`` environment variable, else refuse them.
+      download_timeout (float | None): seconds allowed for a Hub fetch; None: the
+        ``SAM_DROP_IN_DOWNLOAD_TIMEOUT`` environment variable, else 1800.
 
     Returns:
       (dict[str, torch.Tensor]): CPU tensors keyed as segment_anything's ``Sam`` (for vit_t,
@@ -225,19 +398,19 @@ def load_state_dict(source: Source, model_type: str | None = None) -> dict[str, 
       CheckpointNotFoundError: the file, Hub repo, revision or Hub file does not exist.
       UnsafeCheckpointError: a pickle that would run code; nothing was executed.
       CheckpointError: unreadable, corrupt, unknown layout, or a different model type
-        ("this is a vit_b checkpoint; use sam_model_registry['vit_b']").
+        ("this is a vit_b checkpoint; use sam_model_registry['vit_b']"); a weight that is not a
+        float tensor, or (unless allowed) holds NaN/inf, named by its key.
     """
-    if model_type == "default":
-        model_type = "vit_h"
-    if model_type is not None and model_type not in MODEL_TYPES:
-        raise CheckpointError(f"unknown model_type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
-    path, _config = resolve(source)
+    model_type = _model_type(model_type)
+    allow = _allow_non_finite(allow_non_finite)
+    path, _config = resolve(source, download_timeout=download_timeout)
     sd, _fmt = read_state_dict(path)
-    return _checked(sd, f"checkpoint {os.fspath(source)!r}", model_type)
+    return _checked(sd, f"checkpoint {os.fspath(source)!r}", model_type, allow)
 
 
-def _checked(sd: dict[str, torch.Tensor], origin: str, model_type: str | None) -> dict[str, torch.Tensor]:
-    """Convert to segment_anything keys and check the model type; CheckpointError otherwise."""
+def _checked(sd: dict[str, torch.Tensor], origin: str, model_type: str | None,
+             allow_non_finite: bool) -> dict[str, torch.Tensor]:
+    """Convert to segment_anything keys and check model type and values; CheckpointError otherwise."""
     out, layout, found = _convert(sd, origin)
     if found is None:
         info = _layouts.describe_encoder(out)
@@ -256,10 +429,48 @@ def _checked(sd: dict[str, torch.Tensor], origin: str, model_type: str | None) -
             f"{origin} is a {found} checkpoint without any {', '.join(m + '*' for m in missing)} weights; "
             "a full SAM checkpoint is needed"
         )
+    _check_values(out, origin, allow_non_finite)
     return out
 
 
-def load_into(model: torch.nn.Module, source: Source | Mapping[str, torch.Tensor], model_type: str | None = None) -> None:
+def _check_values(sd: Mapping[str, torch.Tensor], origin: str, allow_non_finite: bool) -> None:
+    """Refuse weights that a float model would take in silently but wrongly.
+
+    ``load_state_dict`` casts integer, bool and complex tensors into float parameters without a
+    word (complex loses its imaginary part), and NaN/inf weights make every output NaN. BatchNorm's
+    ``num_batches_tracked`` counters (TinyViT) are the one integer entry of a SAM state dict.
+    """
+    wrong = [k for k, v in sd.items()
+             if not (v.is_floating_point() or (k.endswith("num_batches_tracked") and not v.is_complex()
+                                              and v.dtype != torch.bool))]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(
+            f"{origin}: {len(wrong)} weight tensor(s) are not floating point, e.g. {k} is {sd[k].dtype}; "
+            "SAM's weights are float32 (or float16/bfloat16). The file was not saved from a SAM model, or was "
+            "quantized/altered; use the original float checkpoint"
+        )
+    if allow_non_finite:
+        return
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        k = bad[0]
+        count = int((~torch.isfinite(sd[k])).sum())
+        raise CheckpointError(
+            f"{origin}: {len(bad)} weight tensor(s) hold NaN or infinite values, e.g. {k} ({count} of "
+            f"{sd[k].numel()} values); such a model outputs NaN. Use a checkpoint from before training diverged, "
+            f"or pass allow_non_finite=True (or set {ALLOW_NON_FINITE_ENV}=1) to load it anyway"
+        )
+
+
+def load_into(
+    model: torch.nn.Module,
+    source: Source | Mapping[str, torch.Tensor],
+    model_type: str | None = None,
+    *,
+    allow_non_finite: bool | None = None,
+    download_timeout: float | None = None,
+) -> None:
     """Load a checkpoint into a SAM model strictly, with an error that names the keys.
 
     Arguments:
@@ -267,12 +478,19 @@ def load_into(model: torch.nn.Module, source: Source | Mapping[str, torch.Tensor
       source (str | os.PathLike | Mapping[str, Tensor]): anything :func:`load_state_dict` takes,
         or a state dict already in segment_anything's layout.
       model_type (str | None): checked against the file when given.
+      allow_non_finite (bool | None): as :func:`load_state_dict`.
+      download_timeout (float | None): as :func:`load_state_dict`.
 
     Raises:
       CheckpointError: as :func:`load_state_dict`, or the keys or shapes do not match the model
         (the message lists a few missing and unexpected keys).
     """
-    sd = dict(source) if isinstance(source, Mapping) else load_state_dict(source, model_type=model_type)
+    if isinstance(source, Mapping):
+        sd = dict(source)
+        _check_values(sd, "state dict", _allow_non_finite(allow_non_finite))
+    else:
+        sd = load_state_dict(source, model_type=model_type, allow_non_finite=allow_non_finite,
+                             download_timeout=download_timeout)
     expected = model.state_dict()
     missing, unexpected, summary = _layouts.key_diff(sd, expected)
     if missing or unexpected:
@@ -289,14 +507,6 @@ def load_into(model: torch.nn.Module, source: Source | Mapping[str, torch.Tensor
     model.load_state_dict(sd, strict=True)
 
 
-def _sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _num_params(sd: Mapping[str, torch.Tensor]) -> int:
     # BatchNorm statistics and the prompt encoder's random Fourier matrix are buffers, not
     # parameters; leave them out so the count matches sum(p.numel() for p in model.parameters()).
@@ -304,11 +514,12 @@ def _num_params(sd: Mapping[str, torch.Tensor]) -> int:
     return int(sum(v.numel() for k, v in sd.items() if not k.endswith(skip)))
 
 
-def inspect_checkpoint(source: Source) -> dict[str, Any]:
+def inspect_checkpoint(source: Source, *, download_timeout: float | None = None) -> dict[str, Any]:
     """Describe a checkpoint without building a model (for ``sam-drop-in info``).
 
     Arguments:
       source (str | os.PathLike): local path or ``hf://`` address.
+      download_timeout (float | None): as :func:`load_state_dict`.
 
     Returns:
       (dict): ``model_type`` (str | None), ``layout`` ("segment_anything" | "transformers"),
@@ -317,9 +528,9 @@ def inspect_checkpoint(source: Source) -> dict[str, Any]:
       ``sha256`` (str, of the file), ``path`` (str, local file), ``size_bytes`` (int).
 
     Raises:
-      CheckpointError: as :func:`load_state_dict`.
+      CheckpointError: as :func:`load_state_dict` (the weights' values are not checked).
     """
-    path, _ = resolve(source)
+    path, _ = resolve(source, download_timeout=download_timeout)
     sd, fmt = read_state_dict(path)
     out, layout, found = _convert(sd, f"checkpoint {os.fspath(source)!r}")
     dtypes = sorted({str(v.dtype) for v in out.values() if v.is_floating_point()})
@@ -330,25 +541,10 @@ def inspect_checkpoint(source: Source) -> dict[str, Any]:
         "num_params": _num_params(out),
         "num_tensors": len(out),
         "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes),
-        "sha256": _sha256_file(path),
+        "sha256": _file_sha256(path),
         "path": path,
         "size_bytes": os.path.getsize(path),
     }
-
-
-def _atomic_write(dst: Path, write) -> None:
-    """Write via a temporary file in the same folder and os.replace, so dst is never partial."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _unshare(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -365,6 +561,38 @@ def _unshare(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str]) -> None:
+    """safetensors.torch.save_file, then the header rewritten in a fixed order.
+
+    The writer emits ``__metadata__`` in hash-map order, which changes from run to run, so two
+    conversions of one file would differ in a few header bytes (and in sha256). The header is
+    re-serialised with sorted metadata: same content, same length, so it is overwritten in place.
+    """
+    from safetensors.torch import save_file
+
+    save_file(dict(tensors), path, metadata=dict(metadata))
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        ordered = {"__metadata__": header.pop("__metadata__"), **header}
+        text = json.dumps(ordered, separators=(",", ":")).encode()
+        if len(text) > size:  # cannot happen for a re-ordering; never write past the header
+            raise RuntimeError(f"re-serialised safetensors header is longer ({len(text)} > {size} bytes)")
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
+
+
+def _clean_stale(folder: Path) -> None:
+    """Remove temporary files that a killed conversion into ``folder`` left behind."""
+    for name in _CONVERTED_FILES:
+        for stale in folder.glob(f".{name}.*.tmp"):  # atomic_write's temporary names
+            try:
+                stale.unlink()
+            except OSError:
+                pass
+
+
 def convert(
     src: Source,
     dst: str | os.PathLike,
@@ -372,14 +600,21 @@ def convert(
     *,
     push_to_hub: str | None = None,
     private: bool | None = None,
+    allow_non_finite: bool | None = None,
+    download_timeout: float | None = None,
 ) -> Path:
     """Convert any supported checkpoint to a segment_anything-layout safetensors folder.
 
-    Writes ``dst/model.safetensors`` (segment_anything keys), ``dst/config.json``
-    (``model_type``, ``layout``, ``weights``, ``source``, ``source_sha256``, ...) and
-    ``dst/README.md`` (a model card). Each file goes through a temporary file and
-    ``os.replace``, so an interrupted conversion leaves no partial file; ``config.json``,
-    which records the weights' sha256, is written last.
+    Writes ``dst/model.safetensors`` (segment_anything keys), ``dst/README.md`` (a model card)
+    and ``dst/config.json`` (``model_type``, ``layout``, ``weights``, ``weights_sha256``,
+    ``source``, ``source_sha256``, ...). Each file goes through a temporary file and
+    ``os.replace`` (with the permissions any file you write gets), so no file is ever partial.
+    ``config.json`` is the commit marker: an earlier conversion's config.json and card are
+    removed before the new weights are written and the new config.json comes last, so an
+    interrupted run never leaves new weights beside an old config; loading the folder checks
+    the weights against ``weights_sha256``. Temporary files of a killed run are removed by the
+    next one. Converting the same input twice gives byte-identical files. Do not run two
+    conversions into one folder at the same time.
 
     Arguments:
       src (str | os.PathLike): local path or ``hf://`` address of the source checkpoint.
@@ -387,6 +622,8 @@ def convert(
       model_type (str | None): when given, the source must hold this model type.
       push_to_hub (str | None): a Hub repo id ("OWNER/REPO") to upload the folder to.
       private (bool | None): visibility of a repo created by ``push_to_hub``.
+      allow_non_finite (bool | None): as :func:`load_state_dict`.
+      download_timeout (float | None): as :func:`load_state_dict`.
 
     Returns:
       (pathlib.Path): path of the written ``model.safetensors``.
@@ -394,38 +631,26 @@ def convert(
     Raises:
       CheckpointError: as :func:`load_state_dict`; also when ``dst`` is an existing file.
     """
-    from safetensors.torch import save_file
-
-    from . import __version__
-
     dst = Path(os.fspath(dst))
     if dst.suffix == ".safetensors" or (dst.exists() and not dst.is_dir()):
         raise CheckpointError(
             f"convert writes a folder (model.safetensors, config.json, README.md); {str(dst)!r} is a file name. "
             "Pass a folder path"
         )
-    if model_type == "default":
-        model_type = "vit_h"
-    path, _ = resolve(src)
-    source_sha = _sha256_file(path)
+    model_type = _model_type(model_type)
+    allow = _allow_non_finite(allow_non_finite)
+    path, _ = resolve(src, download_timeout=download_timeout)
+    source_sha = _file_sha256(path)
     raw, _fmt = read_state_dict(path)
     raw_layout = _layouts.detect_layout(raw)
-    sd = _checked(raw, f"checkpoint {os.fspath(src)!r}", model_type)
+    sd = _checked(raw, f"checkpoint {os.fspath(src)!r}", model_type, allow)
     del raw
     found = _layouts.detect_model_type(sd)
-    dst.mkdir(parents=True, exist_ok=True)
-    weights = dst / "model.safetensors"
     tensors = _unshare(sd)
-    meta = {"format": "pt", "model_type": str(found), "layout": SEGMENT_ANYTHING, "converter": f"sam-drop-in {__version__}"}
-    _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    weights_sha = _sha256_file(str(weights))
+    num_params = _num_params(tensors)
+    converter = f"sam-drop-in {__version__}"
 
-    entry = None
-    if _hub.is_hf_uri(src):
-        loc = _hub.parse_hf_uri(str(src))
-        from ._manifest import find
-
-        entry = find(loc.repo_id, loc.path)
+    entry = find(*_hub_file(src)) if _hub.is_hf_uri(src) else None
     known = entry or next((e for e in MANIFEST if e["model_type"] == found), {})
     card = MODEL_CARD_TEMPLATE.format(
         license=(known.get("license") or "other").lower(),
@@ -434,25 +659,35 @@ def convert(
         source=os.fspath(src),
         source_sha256=source_sha,
         source_layout=raw_layout,
-        num_params=_num_params(tensors),
+        num_params=num_params,
         paper=known.get("paper") or "-",
         repo_id=push_to_hub or "OWNER/REPO",
-        version=f"sam-drop-in {__version__}",
+        version=converter,
     )
-    _atomic_write(dst / "README.md", lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
+
+    dst.mkdir(parents=True, exist_ok=True)
+    _clean_stale(dst)
+    for name in ("config.json", "README.md"):  # see the docstring: config.json is the commit marker
+        (dst / name).unlink(missing_ok=True)
+    weights = dst / "model.safetensors"
+    meta = {"format": "pt", "model_type": str(found), "layout": SEGMENT_ANYTHING, "converter": converter}
+    atomic_write(weights, lambda tmp: _save_safetensors(tensors, tmp, meta))
+    weights_sha = sha256_file(weights)
+    atomic_write(dst / "README.md", lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
     config = {
         "model_type": found,
         "layout": SEGMENT_ANYTHING,
         "format": "safetensors",
         "weights": weights.name,
         "weights_sha256": weights_sha,
-        "num_params": _num_params(tensors),
+        "num_params": num_params,
         "source": os.fspath(src),
         "source_sha256": source_sha,
         "source_layout": raw_layout,
-        "converter": f"sam-drop-in {__version__}",
+        "converter": converter,
     }
-    _atomic_write(dst / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+    text = json.dumps(config, indent=2) + "\n"
+    atomic_write(dst / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     if push_to_hub:
         try:
             _hub.push_folder(dst, push_to_hub, private=private)
@@ -460,3 +695,7 @@ def convert(
             raise CheckpointError(_hub.push_error_message(exc, dst, push_to_hub)) from exc
     return weights
 
+
+def _hub_file(src: Source) -> tuple[str, str | None]:
+    loc = _hub.parse_hf_uri(str(src))
+    return loc.repo_id, loc.path

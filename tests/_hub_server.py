@@ -43,9 +43,13 @@ else 401.
   empty) and answers ``{"commitOid", "commitUrl"}``. 412 if ``parentCommit`` is not the head.
   Committed files are then served by the download routes above.
 
-Faults, per path in repo: ``"500"`` (every resolve answers 500) and ``"truncate"``
+Faults, per path in repo: ``"500"`` (every resolve answers 500), ``"truncate"``
 (the blob's first GET sends half the bytes, then drops the connection; later GETs answer 500,
-so the client's resume attempts fail fast). Per upload route, ``route_faults[name] = status``
+so the client's resume attempts fail fast), ``"hang"`` (every resolve request is read and never
+answered, as from an endpoint that has stopped responding; the connection is dropped when the
+server stops) and ``"norange"`` (every blob GET ignores ``Range``, promises the whole file with
+200, sends half of it and drops the connection: a client that restarts on an ignored Range
+never finishes). Per upload route, ``route_faults[name] = status``
 makes that route answer ``status``; names: ``create``, ``preupload``, ``lfs-batch``,
 ``lfs-upload``, ``lfs-verify``, ``commit``.
 
@@ -68,6 +72,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
@@ -105,6 +110,7 @@ class FakeHub:
         self.commit_log: list[dict] = []
         self._announced: dict[tuple[str, str], int] = {}  # (repo_id, sha256) -> size, from the LFS batch
         self._truncated: set[str] = set()
+        self._stopping = threading.Event()  # releases "hang" handlers on stop()
         self.requests: list[tuple[str, str]] = []
         self.lifetime, self.max_requests = lifetime, max_requests
         self._lock = threading.Lock()
@@ -154,6 +160,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         with self._lock:
             server, self._server = self._server, None
             if self._timer is not None:
@@ -493,6 +500,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(404, {"X-Error-Code": err, "X-Error-Message": err})
         if hub.faults.get(filename) == "500":
             return self._send(500, {"X-Error-Message": "internal error (injected)"})
+        if hub.faults.get(filename) == "hang":
+            hub._stopping.wait(hub.lifetime)
+            self.close_connection = True
+            return
         data = repo["commits"][commit].get(filename)
         if data is None:
             return self._send(404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit})
@@ -519,6 +530,17 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(404, {"X-Error-Code": err or "EntryNotFound"})
         sha = hashlib.sha256(data).hexdigest()
         headers = {"ETag": f'"{sha}"', "X-Repo-Commit": commit, "Accept-Ranges": "bytes"}
+        if self.command == "GET" and hub.faults.get(filename) == "norange":
+            # Range ignored: the whole file promised, half of it sent, the connection dropped.
+            self.send_response(200)
+            self.send_header("ETag", f'"{sha}"')
+            self.send_header("X-Repo-Commit", commit)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         if self.command == "GET" and sha in hub._truncated:
             if "Range" in self.headers or hub._truncated_sent(sha):
                 return self._send(500, {"X-Error-Message": "storage error after dropped connection (injected)"})
@@ -641,8 +663,24 @@ def _worker_main() -> None:
         op = cmd.pop("op")
         try:
             if op == "load":
-                sd = checkpoint.load_state_dict(cmd["source"], model_type=cmd.get("model_type"))
-                out = {"ok": True, "n": len(sd), "digest": state_digest(sd)}
+                # "env": variables set for this call only (e.g. SAM_DROP_IN_DOWNLOAD_TIMEOUT).
+                saved = {k: os.environ.get(k) for k in cmd.get("env", {})}
+                os.environ.update(cmd.get("env", {}))
+                start = time.monotonic()
+                try:
+                    kwargs = {"download_timeout": cmd["download_timeout"]} if "download_timeout" in cmd else {}
+                    sd = checkpoint.load_state_dict(cmd["source"], model_type=cmd.get("model_type"), **kwargs)
+                    out = {"ok": True, "n": len(sd), "digest": state_digest(sd)}
+                except Exception as exc:
+                    out = {"ok": False, "types": [c.__name__ for c in type(exc).__mro__], "message": str(exc)}
+                finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
+                if not out["ok"]:
+                    out["seconds"] = time.monotonic() - start  # how long the failure took
             elif op == "build":
                 from sam_drop_in.build_sam import sam_model_registry
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import zipfile
 
 import pytest
 import torch
 
 from sam_drop_in import checkpoint as ck
 from sam_drop_in import _layouts, _manifest
+from sam_drop_in._fileio import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +64,8 @@ def test_mobile_sam_roundtrip_through_convert(mobile, mobile_pt, tmp_path):
     _equal(loaded, sd)
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["model_type"] == "vit_t" and cfg["weights"] == "model.safetensors"
-    assert cfg["source_sha256"] == ck._sha256_file(str(mobile_pt))
-    assert cfg["weights_sha256"] == ck._sha256_file(str(out))
+    assert cfg["source_sha256"] == sha256_file(mobile_pt)
+    assert cfg["weights_sha256"] == sha256_file(out)
     assert cfg["num_params"] == sum(p.numel() for p in model.parameters()) == 10_130_092
     assert "vit_t" in (tmp_path / "out" / "README.md").read_text()
     # The folder itself is also a valid source (config.json next to model.safetensors).
@@ -204,3 +209,241 @@ def test_unknown_source_types(tmp_path):
         ck.load_state_dict("https://example.com/sam.pth", "vit_t")
     with pytest.raises(ck.CheckpointError, match="malformed Hub address"):
         ck.load_state_dict("hf://justone", "vit_t")
+
+
+# --- hf:// addresses: every malformed one is a CheckpointError that says what is wrong -----------
+
+MALFORMED_ADDRESSES = [
+    ("hf://", "names no OWNER/REPO"),
+    ("hf://a", "names no OWNER/REPO"),
+    ("hf://a/", "names no OWNER/REPO"),
+    ("hf://models", "names no OWNER/REPO"),
+    ("hf://models/a", "no OWNER/REPO after 'models/'"),
+    ("hf://../../etc/passwd", "owner name '..' contains '--' or '..'"),
+    ("hf://a/../etc/passwd", "repo name '..'"),
+    ("hf://a/b/../../f.pt", "'.' or '..' part"),
+    ("hf://a/b/./f.pt", "'.' or '..' part"),
+    ("hf://a/b@", "revision after '@' is empty"),
+    ("hf://a/b@@x/f", "revision '@x' contains '@'"),
+    ("hf://a@v/b/f", "belongs after the repo name"),
+    ("hf://a b/c/f.pt", "owner name 'a b' contains ' '"),
+    ("hf://a/b c/f.pt", "repo name 'b c' contains ' '"),
+    ("hf://a/b@v 1/f.pt", "revision 'v 1' contains ' '"),
+    ("hf://a\\b/f.pt", "backslash"),
+    ("hf://a/b/..\\..\\f.pt", "backslash"),
+    ("hf://a//b/f.pt", "empty part"),
+    ("hf:///a/b", "empty part"),
+    ("hf://a/b//f.pt", "empty part"),
+    ("hf://-a/b", "starts or ends with '-' or '.'"),
+    ("hf://a/b.", "starts or ends with '-' or '.'"),
+    ("hf://a--x/b", "contains '--' or '..'"),
+    ("hf://a/b.git", "ends with '.git'"),
+    ("hf://a/" + "x" * 97, "97 characters long"),
+    ("hf://caf\u00e9/b", "only letters, digits"),
+    ("hf://a/b@..%2F..%2Fx/f.pt", "not a valid branch, tag or commit name"),
+    ("hf://a/b@v~1/f", "revision 'v~1' contains '~'"),
+    ("hf://a/b/f.pt\n", "whitespace"),
+    (" hf://a/b/f.pt"[1:] + " ", "whitespace"),
+    ("hf://a/b\x00/f", "control character"),
+    ("hf://datasets/a/b/f", "names a dataset repo"),
+    ("hf://spaces/a/b", "names a space repo"),
+]
+
+
+@pytest.mark.parametrize("address,why", MALFORMED_ADDRESSES)
+def test_malformed_hub_address_is_a_checkpoint_error(address, why, monkeypatch):
+    import huggingface_hub
+
+    def no_request(*args, **kwargs):
+        raise AssertionError(f"huggingface_hub was called for the malformed address {address!r}")
+
+    # Malformed addresses are refused before huggingface_hub is asked anything (cache included).
+    for name in ("hf_hub_download", "try_to_load_from_cache", "HfApi"):
+        monkeypatch.setattr(huggingface_hub, name, no_request)
+    with pytest.raises(ck.CheckpointError) as info:
+        ck.load_state_dict(address, "vit_t")
+    assert type(info.value) is ck.CheckpointError  # neither huggingface_hub's error nor "not found"
+    msg = str(info.value)
+    assert why in msg, msg
+    assert repr(address) in msg, msg
+
+
+# --- corrupt files are "not a valid checkpoint"; only a refused global is "unsafe" --------------
+
+def _corrupt_files(tmp_path, sd) -> dict:
+    from safetensors.torch import save
+
+    small = {k: v for k, v in list(sd.items())[:20]}
+    pt = tmp_path / "ok.pt"
+    torch.save(small, pt)
+    zipped = pt.read_bytes()
+    st = save({k: v.contiguous() for k, v in small.items()})
+    rng = torch.Generator().manual_seed(0)
+    return {
+        "x.pt": b"x",
+        "empty.pt": b"",
+        "random.pt": torch.randint(0, 256, (4096,), generator=rng, dtype=torch.uint8).numpy().tobytes(),
+        "zip_cut.pt": zipped[: len(zipped) // 2],
+        "zip_head.pt": zipped[:100],
+        "st_cut5.safetensors": st[:5],
+        "st_cut_header.safetensors": st[:40],
+        "st_cut_data.safetensors": st[:-7],
+        "text.pth": b"this is not a checkpoint\n" * 10,
+        "pickle_cut.pkl": pickle.dumps({"w": 1.0, "v": [1, 2, 3]})[:-4],
+    }
+
+
+def test_corrupt_file_is_not_reported_as_unsafe(mobile, tmp_path):
+    for name, data in _corrupt_files(tmp_path, mobile[1]).items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ck.CheckpointError) as info:
+            ck.load_state_dict(path, "vit_t")
+        assert not isinstance(info.value, ck.UnsafeCheckpointError), (name, str(info.value))
+        msg = str(info.value)
+        assert name in msg and "not a valid" in msg and ("truncated" in msg or "corrupt" in msg), (name, msg)
+        assert "weights_only" not in msg, (name, msg)  # never torch's advice to load unsafely
+
+
+def test_refused_global_is_unsafe_and_named(tmp_path):
+    marker = tmp_path / "pwned"
+    zipped = tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(2), "payload": _Evil(str(marker))}, zipped)
+    legacy = tmp_path / "evil.pkl"
+    legacy.write_bytes(pickle.dumps({"w": _Evil(str(marker))}))
+    old = tmp_path / "evil_old.pt"
+    torch.save({"w": torch.zeros(2), "payload": _Evil(str(marker))}, old, _use_new_zipfile_serialization=False)
+    for path in (zipped, legacy, old):
+        with pytest.raises(ck.UnsafeCheckpointError) as info:
+            ck.load_state_dict(path, "vit_t")
+        msg = str(info.value)
+        assert "builtins.open" in msg or "io.open" in msg, msg
+        assert "Nothing from it was executed" in msg and "weights_only" not in msg, msg
+        assert info.value.__cause__ is None and info.value.__suppress_context__  # no torch advice in the chain
+    assert not marker.exists()
+
+
+# --- convert: whole files only, stale temporaries cleaned, hash checked, same bytes twice ------
+
+def test_convert_twice_gives_identical_bytes_and_normal_permissions(mobile_pt, tmp_path):
+    old = os.umask(0o022)
+    try:
+        outs = [ck.convert(mobile_pt, tmp_path / f"out{i}").parent for i in range(3)]
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json", "README.md"):
+        first = (outs[0] / name).read_bytes()
+        for other in outs[1:]:
+            assert (other / name).read_bytes() == first, name
+        # What open(path, "w") gives under umask 022, not mkstemp's 0600.
+        assert (outs[0] / name).stat().st_mode & 0o777 == 0o644, name
+
+
+_KILL_DURING = r"""
+import os, signal, sys
+from pathlib import Path
+import safetensors.torch as st
+from sam_drop_in import checkpoint as ck
+
+stage = sys.argv[3]
+if stage == "weights":
+    # Half of the weights written to the temporary file, then the process is killed.
+    def save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 1000)
+        os.kill(os.getpid(), signal.SIGKILL)
+    st.save_file = save_file
+else:
+    # The weights are in place; killed while the card (before config.json) is written.
+    real = Path.write_text
+    def write_text(self, *a, **k):
+        if self.name.startswith(".README.md."):
+            real(self, "partial")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, *a, **k)
+    Path.write_text = write_text
+ck.convert(sys.argv[1], sys.argv[2])
+"""
+
+
+def _killed_convert(src, dst, stage):
+    root = os.path.join(os.path.dirname(__file__), os.pardir)
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", _KILL_DURING, str(src), str(dst), stage], env=env,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+
+
+def test_killed_convert_leaves_a_consistent_folder(mobile, mobile_pt, tmp_path):
+    _, sd = mobile
+    dst = tmp_path / "out"
+    # A kill mid-weights on a fresh folder: only a temporary file is left ...
+    _killed_convert(mobile_pt, dst, "weights")
+    assert [p.name for p in dst.iterdir() if p.name.endswith(".tmp")], list(dst.iterdir())
+    assert not (dst / "model.safetensors").exists()
+    # ... and the next run removes it and completes.
+    ck.convert(mobile_pt, dst)
+    assert sorted(p.name for p in dst.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    _equal(ck.load_state_dict(dst, "vit_t"), sd)
+
+    # Overwriting that conversion with other weights, killed after the new weights are in place:
+    # the old config.json (with the old hash) is gone, never beside the new weights.
+    other = {k: (v + 1 if v.is_floating_point() else v) for k, v in sd.items()}
+    other_pt = _save(tmp_path / "other.pt", other)
+    _killed_convert(other_pt, dst, "card")
+    assert not (dst / "config.json").exists()
+    _equal(ck.load_state_dict(dst, "vit_t"), other)
+    ck.convert(other_pt, dst)
+    assert sorted(p.name for p in dst.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    _equal(ck.load_state_dict(dst, "vit_t"), other)
+
+
+def test_weights_sha256_is_checked_on_load(mobile, mobile_pt, tmp_path):
+    _, sd = mobile
+    a = ck.convert(mobile_pt, tmp_path / "a")
+    other = {k: (v * 2 if v.is_floating_point() else v) for k, v in sd.items()}
+    b = ck.convert(_save(tmp_path / "other.pt", other), tmp_path / "b")
+    # A folder that mixes two conversions (or whose weights were changed afterwards).
+    b.replace(a)
+    with pytest.raises(ck.CheckpointError, match=r"model.safetensors does not match its config.json.*convert"):
+        ck.load_state_dict(tmp_path / "a", "vit_t")
+    # The file itself carries no such record; it loads.
+    _equal(ck.load_state_dict(a, "vit_t"), other)
+
+
+# --- weights of the wrong dtype, and NaN/inf weights ---------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool, torch.complex64])
+def test_non_float_weights_are_refused_with_the_key(mobile, tmp_path, dtype):
+    model, sd = mobile
+    key = "mask_decoder.iou_token.weight"
+    bad = dict(sd)
+    bad[key] = sd[key].to(dtype)
+    path = _save(tmp_path / "bad.pt", bad)
+    with pytest.raises(ck.CheckpointError, match=rf"{key} is {dtype}"):
+        ck.load_state_dict(path, "vit_t")
+    with pytest.raises(ck.CheckpointError, match=rf"{key} is {dtype}"):
+        ck.load_into(model, bad)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_unless_allowed(mobile, tmp_path, monkeypatch, value):
+    model, sd = mobile
+    key = "image_encoder.layers.1.blocks.0.attn.qkv.weight"
+    bad = dict(sd)
+    bad[key] = sd[key].clone()
+    bad[key][0, :3] = value
+    path = _save(tmp_path / "nan.pt", bad)
+    with pytest.raises(ck.CheckpointError, match=rf"{key} \(3 of \d+ values\).*allow_non_finite=True"):
+        ck.load_state_dict(path, "vit_t")
+    with pytest.raises(ck.CheckpointError, match=key):
+        ck.load_into(model, bad)
+    with pytest.raises(ck.CheckpointError, match=key):
+        ck.convert(path, tmp_path / "out")
+    loaded = ck.load_state_dict(path, "vit_t", allow_non_finite=True)
+    assert torch.equal(loaded[key].isfinite(), bad[key].isfinite())
+    monkeypatch.setenv("SAM_DROP_IN_ALLOW_NON_FINITE", "1")
+    ck.load_state_dict(path, "vit_t")
+    monkeypatch.setenv("SAM_DROP_IN_ALLOW_NON_FINITE", "maybe")
+    with pytest.raises(ck.CheckpointError, match="SAM_DROP_IN_ALLOW_NON_FINITE"):
+        ck.load_state_dict(path, "vit_t")

@@ -42,6 +42,8 @@ def _populate(hub: FakeHub, w) -> dict:
     hub.add_commit("acme/many", {"a.pt": w["v1_pt"], "b.safetensors": w["v2"]})
     hub.add_commit("acme/broken", {"model.safetensors": w["v1"]})
     hub.add_commit("acme/cut", {"model.safetensors": w["v1"]})
+    hub.add_commit("acme/hang", {"model.safetensors": w["v1"]})
+    hub.add_commit("acme/norange", {"norange.safetensors": w["v1"]})
     return {"c1": c1, "c2": c2}
 
 
@@ -142,6 +144,50 @@ def test_transfer_cut_short_is_not_cached(worker, hub, weights):
     # Server healthy again: the next load completes and yields the true tensors.
     hub._truncated.clear()
     assert worker.call(op="load", source="hf://acme/cut/model.safetensors")["digest"] == weights["d1"]
+
+
+def test_endpoint_that_never_answers_fails_within_the_deadline(worker, hub):
+    """A resolve request that is read and never answered: the load fails at the deadline, not after
+    huggingface_hub's minutes of retries, and says how to raise the limit."""
+    hub.faults["model.safetensors"] = "hang"
+    try:
+        by_argument = worker.call(op="load", source="hf://acme/hang/model.safetensors", download_timeout=2)
+        by_env = worker.call(op="load", source="hf://acme/hang/model.safetensors",
+                             env={"SAM_DROP_IN_DOWNLOAD_TIMEOUT": "1.5"})
+    finally:
+        hub.faults.pop("model.safetensors", None)
+    for r, limit in ((by_argument, 2.0), (by_env, 1.5)):
+        msg = _fail(r, "CheckpointError")
+        assert "FileNotFoundError" not in r["types"]
+        assert f"did not answer within {limit:g} s" in msg and "SAM_DROP_IN_DOWNLOAD_TIMEOUT" in msg, msg
+        assert "acme/hang" in msg
+        # The deadline plus the worker's own overhead (thread start, message); far below the
+        # 5 s etag timeout x retries that huggingface_hub alone would take.
+        assert limit <= r["seconds"] < limit + 1.5, r
+
+
+def test_server_that_ignores_range_does_not_restart_forever(worker, hub):
+    """Every GET ignores Range and cuts the body in half: the download stops after a few restarts
+    with a message that says so, instead of looping until the server gives up."""
+    hub.faults["norange.safetensors"] = "norange"
+    before = len(hub.requests)
+    try:
+        r = worker.call(op="load", source="hf://acme/norange/norange.safetensors", download_timeout=30)
+    finally:
+        hub.faults.pop("norange.safetensors", None)
+    msg = _fail(r, "CheckpointError")
+    assert "Range" in msg and "acme/norange" in msg, msg
+    gets = [p for m, p in hub.requests[before:] if m == "GET" and "norange.safetensors" in p]
+    assert len(gets) <= 4, gets  # the first GET and at most three ignored-Range restarts
+    assert worker.call(op="cached", repo="acme/norange", file="norange.safetensors") == {"ok": True, "cached": False}
+
+
+def test_download_timeout_must_be_a_positive_number(worker):
+    for value in ("0", "-3", "soon", "nan"):
+        r = worker.call(op="load", source="hf://acme/mobile/model.safetensors",
+                        env={"SAM_DROP_IN_DOWNLOAD_TIMEOUT": value})
+        msg = _fail(r, "CheckpointError")
+        assert "SAM_DROP_IN_DOWNLOAD_TIMEOUT" in msg and "positive number of seconds" in msg, msg
 
 
 @pytest.fixture(scope="module")
