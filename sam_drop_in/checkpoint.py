@@ -11,7 +11,11 @@
 Safety: safetensors files are read directly; pickles only with
 ``torch.load(weights_only=True)``. There is no fallback to an unrestricted unpickler: a
 pickle that would construct anything but tensors and containers is refused before any of
-its code runs, with :class:`UnsafeCheckpointError`.
+its code runs, with :class:`UnsafeCheckpointError` naming what it asked for; a file that is
+not a checkpoint at all (empty, cut short, random bytes) is a plain :class:`CheckpointError`.
+Weights must be floating point, and finite unless allowed (``allow_non_finite=True`` or
+``SAM_DROP_IN_ALLOW_NON_FINITE=1``). Hub fetches run under an overall deadline
+(``download_timeout=`` or ``SAM_DROP_IN_DOWNLOAD_TIMEOUT``, default 1800 s).
 
 Errors: every failure raises :class:`CheckpointError`. It subclasses ``ValueError`` (the
 file's content is wrong for the request) and ``RuntimeError`` (what ``torch``'s strict
@@ -150,7 +154,9 @@ def _file_sha256(path: str) -> str:
 def _verify_weights(path: str, config: Mapping[str, Any], origin: str) -> None:
     """Check the weights against the ``weights_sha256`` that ``convert`` recorded beside them."""
     expected = config.get("weights_sha256")
-    if not isinstance(expected, str) or config.get("weights") not in (None, os.path.basename(path)):
+    named = config.get("weights")
+    # "weights" is a path in the folder or Hub repo ("w/vit_t.safetensors"); check only that file.
+    if not isinstance(expected, str) or (isinstance(named, str) and os.path.basename(named) != os.path.basename(path)):
         return
     actual = _file_sha256(path)
     if actual != expected.lower():

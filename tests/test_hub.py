@@ -6,6 +6,7 @@ user would set them; the server is tests/_hub_server.py.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -44,6 +45,13 @@ def _populate(hub: FakeHub, w) -> dict:
     hub.add_commit("acme/cut", {"model.safetensors": w["v1"]})
     hub.add_commit("acme/hang", {"model.safetensors": w["v1"]})
     hub.add_commit("acme/norange", {"norange.safetensors": w["v1"]})
+    # A converted repo whose config.json records the sha256 of other weights than it holds.
+    mixed = json.dumps({"model_type": "vit_t", "weights": "w/model.safetensors",
+                        "weights_sha256": hashlib.sha256(w["v2"]).hexdigest()}).encode()
+    hub.add_commit("acme/mixed", {"config.json": mixed, "w/model.safetensors": w["v1"]})
+    good = json.dumps({"model_type": "vit_t", "weights": "w/model.safetensors",
+                       "weights_sha256": hashlib.sha256(w["v1"]).hexdigest()}).encode()
+    hub.add_commit("acme/hashed", {"config.json": good, "w/model.safetensors": w["v1"]})
     return {"c1": c1, "c2": c2}
 
 
@@ -144,6 +152,12 @@ def test_transfer_cut_short_is_not_cached(worker, hub, weights):
     # Server healthy again: the next load completes and yields the true tensors.
     hub._truncated.clear()
     assert worker.call(op="load", source="hf://acme/cut/model.safetensors")["digest"] == weights["d1"]
+
+
+def test_weights_sha256_of_a_converted_repo_is_checked(worker, weights):
+    assert worker.call(op="load", source="hf://acme/hashed")["digest"] == weights["d1"]
+    msg = _fail(worker.call(op="load", source="hf://acme/mixed"), "CheckpointError")
+    assert "does not match its config.json" in msg and "acme/mixed" in msg, msg
 
 
 def test_endpoint_that_never_answers_fails_within_the_deadline(worker, hub):
