@@ -175,9 +175,9 @@ def test_endpoint_that_never_answers_fails_within_the_deadline(worker, hub):
         assert "FileNotFoundError" not in r["types"]
         assert f"did not answer within {limit:g} s" in msg and "SAM_DROP_IN_DOWNLOAD_TIMEOUT" in msg, msg
         assert "acme/hang" in msg
-        # The deadline plus the worker's own overhead (thread start, message); far below the
-        # 5 s etag timeout x retries that huggingface_hub alone would take.
-        assert limit <= r["seconds"] < limit + 1.5, r
+        # The deadline plus the worker's own overhead (thread wake-up on a shared machine); far
+        # below the 5 s etag timeout x retries that huggingface_hub alone takes (over 60 s here).
+        assert limit - 0.1 <= r["seconds"] < limit + 3.0, r
 
 
 def test_server_that_ignores_range_does_not_restart_forever(worker, hub):
