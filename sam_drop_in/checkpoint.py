@@ -458,7 +458,7 @@ def _check_values(sd: Mapping[str, torch.Tensor], origin: str, allow_non_finite:
         )
     if allow_non_finite:
         return
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not _all_finite(v)]
     if bad:
         k = bad[0]
         count = int((~torch.isfinite(sd[k])).sum())
@@ -467,6 +467,22 @@ def _check_values(sd: Mapping[str, torch.Tensor], origin: str, allow_non_finite:
             f"{sd[k].numel()} values); such a model outputs NaN. Use a checkpoint from before training diverged, "
             f"or pass allow_non_finite=True (or set {ALLOW_NON_FINITE_ENV}=1) to load it anyway"
         )
+
+
+def _all_finite(v: torch.Tensor) -> bool:
+    """True when no value of a float tensor is NaN or infinite.
+
+    A finite sum proves it (a NaN or infinity makes any sum NaN or infinite), and a sum runs about
+    ten times faster than an element-wise isfinite (vit_h has 636M values). Only when the sum is
+    not finite (a bad value, or finite values whose sum overflows) is the exact check needed.
+    """
+    try:
+        total = v.sum(dtype=torch.float64 if v.dtype == torch.float64 else torch.float32)
+        if bool(torch.isfinite(total)):
+            return True
+    except RuntimeError:  # a dtype without a sum kernel (float8): the exact check alone
+        pass
+    return bool(torch.isfinite(v).all())
 
 
 def load_into(
