@@ -447,3 +447,13 @@ def test_non_finite_weights_are_refused_unless_allowed(mobile, tmp_path, monkeyp
     monkeypatch.setenv("SAM_DROP_IN_ALLOW_NON_FINITE", "maybe")
     with pytest.raises(ck.CheckpointError, match="SAM_DROP_IN_ALLOW_NON_FINITE"):
         ck.load_state_dict(path, "vit_t")
+
+
+def test_large_finite_weights_are_accepted(mobile, tmp_path):
+    """Finite values whose sum overflows float32 are not mistaken for infinities."""
+    _, sd = mobile
+    key = "mask_decoder.iou_token.weight"
+    big = dict(sd)
+    big[key] = torch.full_like(sd[key], 3e38)
+    loaded = ck.load_state_dict(_save(tmp_path / "big.pt", big), "vit_t")
+    assert torch.equal(loaded[key], big[key])
