@@ -192,6 +192,9 @@ def _translate(exc: BaseException, repo_id: str, filename: str | None, revision:
     what = _where(repo_id, filename, revision) if filename else f"repo '{repo_id}' at revision '{revision or 'main'}'"
     endpoint = _endpoint()
     local_hint = "or download the file yourself and pass its local path as checkpoint="
+    if isinstance(exc, hf_errors.HFValidationError) or (type(exc) is ValueError and "filename" in str(exc)):
+        # parse_hf_uri applies the Hub's rules first; this is a rule huggingface_hub added since.
+        return f"huggingface_hub refused the address of {what}: {exc}; correct the hf:// address", False
     if isinstance(exc, hf_errors.RepositoryNotFoundError):
         return (
             f"Hub repository '{repo_id}' was not found at {endpoint} (if it is private or gated, log in with "

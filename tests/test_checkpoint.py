@@ -457,3 +457,20 @@ def test_large_finite_weights_are_accepted(mobile, tmp_path):
     big[key] = torch.full_like(sd[key], 3e38)
     loaded = ck.load_state_dict(_save(tmp_path / "big.pt", big), "vit_t")
     assert torch.equal(loaded[key], big[key])
+
+
+@pytest.mark.parametrize("where", ["try_to_load_from_cache", "hf_hub_download"])
+def test_huggingface_hub_validation_errors_are_wrapped(where, monkeypatch):
+    """Should huggingface_hub refuse an address that passes our rules, in the cache lookup or the
+    download, the caller still gets a CheckpointError."""
+    import huggingface_hub
+    from huggingface_hub.errors import HFValidationError
+
+    def refuse(*args, **kwargs):
+        raise HFValidationError("Repo id must use alphanumeric chars (a rule added later)")
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", refuse if where == "try_to_load_from_cache"
+                        else (lambda *a, **k: None))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    with pytest.raises(ck.CheckpointError, match=r"huggingface_hub refused the address of 'f.pt' in repo 'acme/x'"):
+        ck.load_state_dict("hf://acme/x/f.pt", "vit_t")
