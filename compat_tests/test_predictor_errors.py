@@ -52,7 +52,10 @@ def _assert_unchanged(p, before):
 BAD_IMAGES = {
     "grayscale_2d": (np.zeros((32, 48), np.uint8), r"2-D array .*np\.stack"),
     "rgba": (np.zeros((32, 48, 4), np.uint8), r"HxWx3.*alpha"),
-    "float": (np.zeros((32, 48, 3), np.float32), r"uint8.*\* 255"),
+    # Floats in [0, 1] are accepted as upstream does (test_inputs.py); outside, upstream's cast wraps.
+    "float_0_255": (np.full((32, 48, 3), 200.0, np.float32), r"must be in \[0, 1\].*round\(\)\.astype"),
+    "float_nan": (np.full((32, 48, 3), np.nan, np.float32), r"NaN"),
+    "int64": (np.zeros((32, 48, 3), np.int64), r"uint8.*got int64"),
     "empty": (np.zeros((0, 48, 3), np.uint8), r"empty"),
     "not_an_array": ([[1, 2, 3]], r"numpy array"),
 }

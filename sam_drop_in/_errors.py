@@ -28,3 +28,22 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A pickle asked to construct objects other than tensors; refused, nothing executed."""
+
+
+class PromptShapeError(InputError, RuntimeError, IndexError):
+    """A prompt of the wrong shape (points, labels, box, mask input, or their batch sizes).
+
+    segment_anything fails on these deep inside the model with a ``RuntimeError`` or an
+    ``IndexError`` (which one depends on the prompt and on torch's kernels). This type is both,
+    besides an :class:`InputError`, so that handlers written for upstream's failure keep catching it.
+    Other bad input (image, values, labels) raises a plain :class:`InputError`: upstream either
+    asserts there or does not fail at all.
+    """
+
+
+class ImageDtypeError(InputError, TypeError):
+    """An image of a dtype that cannot be an image (integers other than uint8, bool, objects).
+
+    segment_anything's ``ResizeLongestSide.apply_image`` fails on these with torchvision's
+    ``TypeError``; this type is one too, besides an :class:`InputError`.
+    """

@@ -22,7 +22,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from ._validation import check_box, check_image, check_mask_input, check_point_prompts
+from ._locking import LockedState, serialised
+from ._validation import check_box, check_image, check_mask_input, check_point_prompts, check_resizable, to_float32
 
 __all__ = ["SamOnnxPredictor", "ResizeLongestSideNumpy"]
 
@@ -111,9 +112,13 @@ def _metadata(session) -> Dict[str, Any]:
 PathOrBytes = Union[str, "os.PathLike[str]", bytes]
 
 
-class SamOnnxPredictor:
+class SamOnnxPredictor(LockedState):
     """``SamPredictor`` on ONNX Runtime: ``set_image`` runs the exported encoder once,
     ``predict`` runs the exported decoder per prompt set.
+
+    Thread safety as ``SamPredictor``: calls on one predictor hold ``self.lock`` (an ``RLock``)
+    and run one at a time; hold ``with predictor.lock:`` across ``set_image`` and the predicts
+    that must see that image.
 
     The encoder may be exported with or without preprocessing (both are handled); the decoder
     must be exported with ``return_single_mask=False`` (the default) so that both
@@ -135,6 +140,7 @@ class SamOnnxPredictor:
           providers (list or None): ONNX Runtime execution providers; default CPU.
           sess_options (onnxruntime.SessionOptions or None): e.g. to set intra-op threads.
         """
+        self._init_lock()
         ort = _import_onnxruntime()
         providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
 
@@ -181,17 +187,21 @@ class SamOnnxPredictor:
         self.transform = ResizeLongestSideNumpy(self.img_size)
         self.reset_image()
 
+    @serialised
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Compute the image embedding of ``image`` for later ``predict`` calls.
 
         Arguments:
-          image (np.ndarray): HxWx3 uint8 image, values in [0, 255].
+          image (np.ndarray): HxWx3 image, uint8 with values in [0, 255] or float with values in
+            [0, 1] (as SamPredictor). Each side must be at least 1 pixel once the long side is
+            scaled to img_size.
           image_format (str): channel order of ``image``, 'RGB' or 'BGR'.
 
         Raises ``InputError`` (a ValueError and an AssertionError) for a bad image or format; the
         previously set image, if any, stays set.
         """
         rgb = check_image(image, image_format)
+        check_resizable(rgb.shape[0], rgb.shape[1], self.img_size)
         resized = self.transform.apply_image(rgb)  # h x w x 3 uint8, long side img_size
         if self.include_preprocessing:
             feed = resized.astype(np.float32)
@@ -210,6 +220,7 @@ class SamOnnxPredictor:
         self.features = features
         self.is_image_set = True
 
+    @serialised
     def predict(
         self,
         point_coords: Optional[np.ndarray] = None,
@@ -223,7 +234,8 @@ class SamOnnxPredictor:
 
         Arguments:
           point_coords (np.ndarray or None): Nx2 point prompts, (X, Y) in pixels of the original image.
-          point_labels (np.ndarray or None): N labels, 1 foreground, 0 background.
+          point_labels (np.ndarray or None): N labels, 1 foreground, 0 background, -1 padding
+            (the point is ignored). 2 and 3 (the decoder's box corners) are refused: use box=.
           box (np.ndarray or None): length-4 box, XYXY in pixels of the original image.
           mask_input (np.ndarray or None): 1x256x256 low-resolution logits, typically from a
             previous call's third output.
@@ -247,10 +259,10 @@ class SamOnnxPredictor:
         all_coords = [np.zeros((0, 2))]
         all_labels = [np.zeros((0,))]
         if coords is not None:
-            all_coords.append(self.transform.apply_coords(coords, self.original_size))
+            all_coords.append(to_float32(self.transform.apply_coords(coords, self.original_size), "point_coords"))
             all_labels.append(labels.astype(np.float64))
         if box is not None:
-            all_coords.append(self.transform.apply_boxes(box, self.original_size).reshape(2, 2))
+            all_coords.append(to_float32(self.transform.apply_boxes(box, self.original_size), "box").reshape(2, 2))
             all_labels.append(np.array([2.0, 3.0]))
         elif coords is not None:
             all_coords.append(np.zeros((1, 2)))
@@ -282,6 +294,7 @@ class SamOnnxPredictor:
             masks = masks.astype(np.float32)
         return masks, scores, low_res
 
+    @serialised
     def get_image_embedding(self) -> np.ndarray:
         """The embedding of the set image.
 
@@ -292,6 +305,7 @@ class SamOnnxPredictor:
             raise RuntimeError("An image must be set with .set_image(...) to generate an embedding.")
         return self.features
 
+    @serialised
     def reset_image(self) -> None:
         """Forget the set image and its embedding."""
         self.is_image_set = False

@@ -5,6 +5,8 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from .._validation import check_resizable, to_uint8
+
 
 class ResizeLongestSide:
     """
@@ -16,7 +18,19 @@ class ResizeLongestSide:
         self.target_length = target_length
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
-        """HxWxC uint8 -> resized HxWxC uint8 (long side ``target_length``), PIL bilinear resize."""
+        """
+        Resizes ``image`` so that its long side is ``target_length`` (PIL bilinear).
+
+        Arguments:
+          image (np.ndarray): HxWxC (or HxW), uint8 with values in [0, 255] or float with values
+            in [0, 1]; floats are converted as segment_anything does (times 255, truncated).
+            Each side must be at least 1 pixel after resizing.
+
+        Returns:
+          (np.ndarray): H'xW'xC uint8, max(H', W') == target_length.
+        """
+        image = to_uint8(np.asarray(image))
+        check_resizable(image.shape[0], image.shape[1], self.target_length)
         new_h, new_w = self.get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
         # PIL's bilinear filter (with its antialiasing on downscale) is what the SAM checkpoints
         # were used with through torchvision's PIL path; keep it for identical inputs.
