@@ -11,17 +11,16 @@ Every exported file carries metadata (``sam_drop_in.*`` keys in ``metadata_props
 image size, pixel mean/std, export flags) that ``sam_drop_in.onnx_predictor.SamOnnxPredictor``
 reads. Files are written atomically: a failed export leaves nothing at the destination.
 
-Needs the ``onnx`` extra: ``pip install sam-drop-in[onnx]``.
+Needs the ``onnx`` extra: ``pip install sam-drop-in[onnx]``. The command line is
+``sam-drop-in export-onnx`` (``sam_drop_in/cli/export_onnx.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from typing import Any, Dict, Iterator, Optional
@@ -37,8 +36,6 @@ __all__ = [
     "export_encoder",
     "quantize",
     "quantization_agreement",
-    "add_export_arguments",
-    "run_export",
     "DECODER_INPUT_NAMES",
     "DECODER_OUTPUT_NAMES",
 ]
@@ -441,97 +438,3 @@ def quantization_agreement(float_path: str, quant_path: str, seed: int = 0) -> D
         "mask_iou_min": float(np.min(ious)),
         "score_max_abs_diff": float(max(diffs)),
     }
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``export-onnx`` options to ``parser``: upstream's ``scripts/export_onnx_model.py``
-    flags plus encoder options.
-
-    Arguments:
-      parser (argparse.ArgumentParser): the parser (or sub-parser) to extend.
-
-    Returns:
-      (argparse.ArgumentParser): the same parser.
-    """
-    parser.add_argument("--checkpoint", type=str, required=True,
-                        help="Checkpoint: a local file or hf://OWNER/REPO[@REVISION]/PATH.")
-    parser.add_argument("--output", type=str, required=True,
-                        help="Where to write the decoder (prompt encoder + mask decoder) ONNX model.")
-    parser.add_argument("--model-type", type=str, required=True,
-                        help="One of 'default', 'vit_h', 'vit_l', 'vit_b', 'vit_t'.")
-    parser.add_argument("--return-single-mask", action="store_true",
-                        help="Output only the best mask instead of all four; faster for large images. "
-                             "The ONNX predictor needs the default (all masks).")
-    parser.add_argument("--opset", type=int, default=17, help=f"ONNX opset version, >= {MIN_OPSET}.")
-    parser.add_argument("--quantize-out", type=str, default=None,
-                        help="Also write an int8 dynamically quantised decoder here (onnxruntime quantize_dynamic).")
-    parser.add_argument("--gelu-approximate", action="store_true",
-                        help="Use the tanh approximation of GELU, for runtimes without a fast Erf.")
-    parser.add_argument("--use-stability-score", action="store_true",
-                        help="Output the stability score of the low-resolution masks (offset 1.0) "
-                             "instead of the predicted IoU.")
-    parser.add_argument("--return-extra-metrics", action="store_true",
-                        help="Output (masks, scores, stability_scores, areas, low_res_masks).")
-    parser.add_argument("--encoder-output", type=str, default=None,
-                        help="Also export the image encoder to this ONNX file.")
-    parser.add_argument("--encoder-without-preprocessing", action="store_true",
-                        help="Encoder input is a normalised, padded Bx3x1024x1024 tensor instead of "
-                             "an HxWx3 RGB float image resized to long side 1024.")
-    parser.add_argument("--quantize-encoder-out", type=str, default=None,
-                        help="Also write an int8 dynamically quantised encoder here (needs --encoder-output).")
-    return parser
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """Run the export described by parsed ``add_export_arguments`` options.
-
-    Arguments:
-      args (argparse.Namespace): parsed options.
-
-    Returns:
-      (int): process exit status, 0 on success, 2 on bad options or a missing extra.
-    """
-    if args.quantize_encoder_out and not args.encoder_output:
-        print("error: --quantize-encoder-out needs --encoder-output.", file=sys.stderr)
-        return 2
-    try:
-        _require("onnx")
-        _require("onnxruntime")
-        _check_opset(args.opset)
-    except (ImportError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from .build_sam import sam_model_registry
-
-    if args.model_type not in sam_model_registry:
-        print(f"error: --model-type must be one of {sorted(sam_model_registry)}, got {args.model_type!r}.",
-              file=sys.stderr)
-        return 2
-    print(f"Loading {args.model_type} from {args.checkpoint}...")
-    model = sam_model_registry[args.model_type](checkpoint=args.checkpoint)
-    print(f"Exporting decoder to {args.output} (opset {args.opset})...")
-    report = export_decoder(
-        model,
-        args.output,
-        opset=args.opset,
-        return_single_mask=args.return_single_mask,
-        gelu_approximate=args.gelu_approximate,
-        use_stability_score=args.use_stability_score,
-        return_extra_metrics=args.return_extra_metrics,
-        quantize_out=args.quantize_out,
-    )
-    if report.get("agreement"):
-        print(f"Quantised decoder written to {args.quantize_out}; agreement with float: {report['agreement']}")
-    if args.encoder_output:
-        print(f"Exporting encoder to {args.encoder_output}...")
-        enc = export_encoder(
-            model,
-            args.encoder_output,
-            opset=args.opset,
-            include_preprocessing=not args.encoder_without_preprocessing,
-            quantize_out=args.quantize_encoder_out,
-        )
-        if enc.get("agreement"):
-            print(f"Quantised encoder written to {args.quantize_encoder_out}; agreement with float: {enc['agreement']}")
-    print("Done.")
-    return 0

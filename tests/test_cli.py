@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from sam_drop_in import cli, sam_model_registry
+from sam_drop_in.cli.everything import METADATA_HEADER
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "examples" / "images"
@@ -169,7 +170,7 @@ def test_everything_folder_layout_and_bad_image(everything_run):
     h, w = image.shape[:2]
     folder = out / "chelsea"
     lines = (folder / "metadata.csv").read_text().split("\n")
-    assert lines[0] == cli.METADATA_HEADER
+    assert lines[0] == METADATA_HEADER
     rows = list(csv.DictReader(lines))
     assert len(rows) > 1
     pngs = sorted(folder.glob("*.png"), key=lambda p: int(p.stem))
@@ -224,7 +225,7 @@ def test_everything_hierarchical_random_weights(tmp_path, capsys):
     assert "RANDOM weights" in captured.err and "MEANINGLESS" in captured.err
     assert captured.out.startswith("everything: 1 image, ")
     lines = (tmp_path / "coffee" / "metadata.csv").read_text().split("\n")
-    assert lines[0] == cli.METADATA_HEADER and len(lines) >= 2
+    assert lines[0] == METADATA_HEADER and len(lines) >= 2
     assert lines[1].endswith(",0,0,600,400")  # hierarchical records cover the whole image
     assert rgb(tmp_path / "coffee.overlay.png").shape == (400, 600, 3)
 

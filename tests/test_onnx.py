@@ -32,12 +32,10 @@ ort = pytest.importorskip("onnxruntime")
 from sam_drop_in import SamPredictor, sam_model_registry  # noqa: E402
 from sam_drop_in import modeling  # noqa: E402
 from sam_drop_in.onnx_export import (  # noqa: E402
-    add_export_arguments,
     export_decoder,
     export_encoder,
     quantization_agreement,
     quantize,
-    run_export,
 )
 from sam_drop_in.onnx_predictor import ResizeLongestSideNumpy, SamOnnxPredictor  # noqa: E402
 from sam_drop_in.utils.onnx import SamOnnxModel  # noqa: E402
@@ -115,12 +113,10 @@ def decoder_paths(sam, state_dict, out_dir):
     ckpt = out_dir / "vit_t.pt"
     torch.save(state_dict, ckpt)
     p16 = out_dir / "decoder16.onnx"
-    import argparse
+    from sam_drop_in import cli
 
-    args = add_export_arguments(argparse.ArgumentParser()).parse_args(
-        ["--checkpoint", str(ckpt), "--model-type", "vit_t", "--output", str(p16), "--opset", "16"]
-    )
-    assert run_export(args) == 0
+    assert cli.main(["export-onnx", "--checkpoint", str(ckpt), "--model-type", "vit_t", "--output", str(p16),
+                     "--opset", "16"]) == 0
     return {17: p17, 16: p16}
 
 

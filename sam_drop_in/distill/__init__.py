@@ -6,7 +6,7 @@ Submodules (imported on use, so ``import sam_drop_in.distill`` stays cheap):
 - :mod:`.train` -- ``TrainConfig``, ``train``: decoupled / full-stage distillation, DDP, resume.
 - :mod:`.evaluate` -- ``evaluate``, ``evaluate_files``: student-vs-teacher mIoU and embedding MSE.
 - :mod:`.ray_label` -- ``label_folder``: everything-mode COCO-RLE JSON lines, local or Ray Data.
-- :mod:`.cli` -- ``register(subparsers)`` for ``sam-drop-in distill``; ``python -m sam_drop_in.distill``.
+- :mod:`.cli` -- ``python -m sam_drop_in.distill`` (the ``sam-drop-in distill`` command of :mod:`sam_drop_in.cli`).
 """
 
 __all__ = ["embed", "train", "evaluate", "ray_label", "cli"]

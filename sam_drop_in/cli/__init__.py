@@ -1,0 +1,108 @@
+"""The ``sam-drop-in`` command (also ``python -m sam_drop_in``).
+
+Commands (one module each in this package, named in ``COMMANDS``):
+  segment IMAGE... --point X,Y[,LABEL] --box X0,Y0,X1,Y1 [--multimask]
+                        masks from clicks and boxes: PNG per mask, scores.json, overlay.png
+  everything IMAGE_OR_DIR...
+                        every object (segment_anything's scripts/amg.py arguments and output
+                        layout), optionally TinySAM's --hierarchical mode, plus an overlay
+  convert SRC DST       any supported checkpoint -> segment_anything-layout safetensors folder
+  info CHECKPOINT       model type, layout, parameter count, sha256
+  export-onnx ...       ONNX decoder (and encoder) export
+  distill ...           train your own vit_t
+
+A command module has ``register(subparsers)`` (adds its sub-parser) and ``run(args) -> int``;
+it raises ``CliError(message, code)`` from ``_common`` for anything the user must fix. A new
+command is one module plus its name in ``COMMANDS``.
+
+Exit status: 0 on success; 1 when some image failed (the others are still processed) or the
+work itself failed; 2 for bad input found before any work (missing file, bad prompt syntax,
+unusable checkpoint, bad option). Every error is one line on stderr; set
+SAM_DROP_IN_DEBUG=1 to get the traceback instead.
+
+``--checkpoint random`` builds the model with random weights (a loud warning says so): the
+masks are meaningless, but every command that builds a model runs without downloading
+anything, which is what the tests and a first try need.
+
+Only the standard library is imported at import time; torch and the models are imported when
+a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from ._common import EXIT_FAILED, EXIT_USAGE, PROG, CliError, env_debug, one_line
+
+__all__ = ["main", "build_parser", "CliError", "COMMANDS"]
+
+COMMANDS = ("segment", "everything", "convert", "info", "export_onnx", "distill")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sam-drop-in`` argument parser: every module in ``COMMANDS`` registers its command."""
+    from .._version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Segment Anything from the command line: prompted masks, everything mode, checkpoints, "
+                    "ONNX export and distillation. vit_t (MobileSAM/TinySAM) by default.",
+        epilog="Run 'sam-drop-in COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"{__name__}.{name}")
+        before = set(sub.choices)
+        module.register(sub)
+        for command in set(sub.choices) - before:
+            sub.choices[command].set_defaults(_run=module.run)
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``sam-drop-in`` command.
+
+    Arguments:
+      argv (sequence of str or None): arguments without the program name; default sys.argv[1:].
+
+    Returns:
+      (int): exit status: 0 success, 1 some image or the work failed, 2 bad input.
+    """
+    from .._errors import CheckpointError, InputError
+
+    parser = build_parser()
+    args = parser.parse_args(None if argv is None else list(argv))
+    if getattr(args, "_run", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        try:
+            return int(args._run(args) or 0)
+        except (FileNotFoundError, ImportError, CheckpointError, InputError) as exc:
+            # Bad input that a library call found: the same one line and status as CliError.
+            raise CliError(str(exc)) from exc
+    except CliError as exc:
+        if env_debug():
+            raise
+        _error(str(exc))
+        return exc.code
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as exc:  # one line for the user; SAM_DROP_IN_DEBUG=1 shows the traceback
+        if env_debug():
+            raise
+        _error(f"{type(exc).__name__}: {exc} (set SAM_DROP_IN_DEBUG=1 for the traceback)")
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
