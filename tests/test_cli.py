@@ -391,3 +391,81 @@ def test_export_onnx_is_delegated(tmp_path, capsys):
                      str(tmp_path / "d.onnx"), "--quantize-encoder-out", str(tmp_path / "q.onnx")])
     assert code == 2
     assert "--encoder-output" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 17: folder runs past a bad image, option validation, one file under several names
+
+
+@pytest.mark.parametrize("command", ["everything", "segment"])
+def test_folder_run_goes_on_past_a_too_thin_image(command, ckpt, tmp_path, capsys):
+    """A valid 3000x1 PNG resizes to height 0 for the model: that image is reported by name,
+    the other image (sorted after it) is still processed, the summary is printed, status 1."""
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (3000, 1), (120, 30, 200)).save(src / "a_thin.png")
+    (src / "chelsea.jpg").write_bytes((IMAGES / "chelsea.jpg").read_bytes())
+    out = tmp_path / "out"
+    prompt = LOOSE if command == "everything" else ["--point", "0,0"]
+    code = cli.main([command, str(src), *prompt, "--no-overlay", "--checkpoint", str(ckpt), "--output", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "a_thin.png" in err[0] and "3000x1" in err[0] and "skipped" in err[0], err
+    assert f"{command}: 2 images (1 failed), " in captured.out
+    assert not (out / "a_thin").exists()
+    assert (out / "chelsea" / ("metadata.csv" if command == "everything" else "scores.json")).exists()
+
+
+@pytest.mark.parametrize("option", [
+    ["--points-per-side", "0"], ["--crop-n-layers", "-1"], ["--points-per-batch", "0"],
+    ["--pred-iou-thresh", "1.5"], ["--stability-score-thresh", "nan"], ["--stability-score-offset", "-1"],
+    ["--box-nms-thresh", "-0.1"], ["--crop-nms-thresh", "2"], ["--crop-overlap-ratio", "1"],
+    ["--crop-n-points-downscale-factor", "0"], ["--min-mask-region-area", "-5"],
+])
+def test_everything_refuses_out_of_range_options(option, tmp_path, capsys):
+    # Refused before the model is built: one line that names the flag, status 2, nothing written.
+    # (A small grid first, which the option under test overrides, keeps a run that is not
+    # refused short.)
+    code = cli.main(["everything", str(IMAGES / "coffee.jpg"), "--points-per-side", "2", *option, "--no-overlay",
+                     "--checkpoint", "random",
+                     "--output", str(tmp_path / "o")])
+    assert code == 2
+    assert f"{option[0]} must be " in one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_high_score_thresh_needs_hierarchical(capsys):
+    assert cli.main(["everything", str(IMAGES / "coffee.jpg"), "--high-score-thresh", "8",
+                     "--checkpoint", "random"]) == 2
+    assert "--hierarchical" in one_error_line(capsys)
+
+
+def test_one_file_under_several_names_is_processed_once(tmp_path, capsys):
+    img = tmp_path / "img.jpg"
+    img.write_bytes((IMAGES / "coffee.jpg").read_bytes())
+    (tmp_path / "x").mkdir()
+    (tmp_path / "link.jpg").symlink_to(img)
+    names = [str(img), str(tmp_path / "x" / ".." / "img.jpg"), str(tmp_path / "link.jpg"), str(tmp_path)]
+    code = cli.main(["segment", *names, "--point", "10,10", "--no-overlay", "--checkpoint", "random",
+                     "--output", str(tmp_path / "o")])
+    assert code == 0
+    assert "segment: 1 image, 1 mask," in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["img"]  # under the first name given
+
+
+def test_export_onnx_random_weights_and_bad_checkpoint(tmp_path, capsys):
+    """``--checkpoint random`` works for export-onnx as for the other commands; a missing
+    checkpoint is bad input (status 2, one line naming it), as everywhere else."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "d.onnx"
+    assert cli.main(["export-onnx", "--checkpoint", "random", "--model-type", "vit_t", "--output", str(out)]) == 0
+    assert "RANDOM weights" in capsys.readouterr().err
+    names = [i.name for i in ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()]
+    assert names[:2] == ["image_embeddings", "point_coords"]
+    missing = tmp_path / "missing.pt"
+    assert cli.main(["export-onnx", "--checkpoint", str(missing), "--model-type", "vit_t",
+                     "--output", str(tmp_path / "e.onnx")]) == 2
+    assert "missing.pt" in one_error_line(capsys)
+    assert not (tmp_path / "e.onnx").exists()

@@ -1,31 +1,13 @@
-"""The ``sam-drop-in`` command (also ``python -m sam_drop_in``).
-
-Commands (one module each in this package, named in ``COMMANDS``):
-  segment IMAGE... --point X,Y[,LABEL] --box X0,Y0,X1,Y1 [--multimask]
-                        masks from clicks and boxes: PNG per mask, scores.json, overlay.png
-  everything IMAGE_OR_DIR...
-                        every object (segment_anything's scripts/amg.py arguments and output
-                        layout), optionally TinySAM's --hierarchical mode, plus an overlay
-  convert SRC DST       any supported checkpoint -> segment_anything-layout safetensors folder
-  info CHECKPOINT       model type, layout, parameter count, sha256
-  export-onnx ...       ONNX decoder (and encoder) export
-  distill ...           train your own vit_t
+"""The ``sam-drop-in`` command (also ``python -m sam_drop_in``): segment, everything, convert,
+info, export-onnx, distill (``sam-drop-in --help`` lists them; docs/cli.md describes them).
 
 A command module has ``register(subparsers)`` (adds its sub-parser) and ``run(args) -> int``;
 it raises ``CliError(message, code)`` from ``_common`` for anything the user must fix. A new
 command is one module plus its name in ``COMMANDS``.
 
-Exit status: 0 on success; 1 when some image failed (the others are still processed) or the
-work itself failed; 2 for bad input found before any work (missing file, bad prompt syntax,
-unusable checkpoint, bad option). Every error is one line on stderr; set
-SAM_DROP_IN_DEBUG=1 to get the traceback instead.
-
-``--checkpoint random`` builds the model with random weights (a loud warning says so): the
-masks are meaningless, but every command that builds a model runs without downloading
-anything, which is what the tests and a first try need.
-
-Only the standard library is imported at import time; torch and the models are imported when
-a command runs.
+Exit status: 0 success; 1 some image failed (the others are still processed) or the work
+itself failed; 2 bad input. Every error is one line on stderr (SAM_DROP_IN_DEBUG=1: the
+traceback instead). Only the standard library is imported here; torch when a command runs.
 """
 
 from __future__ import annotations

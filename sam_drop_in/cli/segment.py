@@ -32,6 +32,17 @@ def register(subparsers) -> None:
     c.add_model_options(p, "sam_output/segment")
 
 
+def _numbers(text: str, counts: Tuple[int, ...], hint: str) -> List[float]:
+    """The comma-separated finite numbers of an option value; CliError(hint) otherwise."""
+    try:
+        values = [float(p) for p in text.split(",")]
+    except ValueError:
+        raise CliError(hint) from None
+    if len(values) not in counts or not all(math.isfinite(v) for v in values):
+        raise CliError(hint)
+    return values
+
+
 def parse_point(text: str) -> Tuple[float, float, int]:
     """Parse ``X,Y`` or ``X,Y,LABEL`` (pixels; LABEL 1 = foreground, 0 = background).
 
@@ -43,17 +54,10 @@ def parse_point(text: str) -> Tuple[float, float, int]:
     """
     hint = (f"bad --point {text!r}: expected X,Y or X,Y,LABEL (pixel coordinates; LABEL 1 = foreground, "
             "0 = background), e.g. --point 250,180 or --point 250,180,0")
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) not in (2, 3):
+    x, y, *label = _numbers(text, (2, 3), hint)
+    if label not in ([], [0], [1]):
         raise CliError(hint)
-    try:
-        x, y = float(parts[0]), float(parts[1])
-        label = int(parts[2]) if len(parts) == 3 else 1
-    except ValueError:
-        raise CliError(hint) from None
-    if not (math.isfinite(x) and math.isfinite(y)) or label not in (0, 1):
-        raise CliError(hint)
-    return x, y, label
+    return x, y, int(label[0]) if label else 1
 
 
 def parse_box(text: str) -> Tuple[float, float, float, float]:
@@ -67,14 +71,8 @@ def parse_box(text: str) -> Tuple[float, float, float, float]:
     """
     hint = (f"bad --box {text!r}: expected X0,Y0,X1,Y1 (pixel corners, top-left then bottom-right, "
             "X0 < X1 and Y0 < Y1), e.g. --box 100,50,400,300")
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) != 4:
-        raise CliError(hint)
-    try:
-        x0, y0, x1, y1 = (float(p) for p in parts)
-    except ValueError:
-        raise CliError(hint) from None
-    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x0 >= x1 or y0 >= y1:
+    x0, y0, x1, y1 = _numbers(text, (4,), hint)
+    if x0 >= x1 or y0 >= y1:
         raise CliError(hint)
     return x0, y0, x1, y1
 
