@@ -469,3 +469,16 @@ def test_export_onnx_random_weights_and_bad_checkpoint(tmp_path, capsys):
                      "--output", str(tmp_path / "e.onnx")]) == 2
     assert "missing.pt" in one_error_line(capsys)
     assert not (tmp_path / "e.onnx").exists()
+
+
+def test_distill_is_a_command_like_the_others(tmp_path, capsys):
+    """``sam-drop-in distill`` and ``python -m sam_drop_in.distill`` are one command: the same
+    parser, the same one-line error and status 2 for a missing embedding store."""
+    from sam_drop_in.distill.cli import main as distill_main
+
+    args = ["eval", "--student", str(tmp_path / "s.pt"), "--embeddings", str(tmp_path / "nostore")]
+    assert cli.main(["distill", *args]) == 2
+    first = one_error_line(capsys)
+    assert "nostore" in first
+    assert distill_main(args) == 2
+    assert one_error_line(capsys) == first
