@@ -482,3 +482,16 @@ def test_distill_is_a_command_like_the_others(tmp_path, capsys):
     assert "nostore" in first
     assert distill_main(args) == 2
     assert one_error_line(capsys) == first
+
+
+def test_checkpoint_missing_a_key_is_named(ckpt, tmp_path, capsys):
+    # load_model goes through checkpoint.load_into, whose message names the missing key.
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(ckpt))
+    del sd["mask_decoder.iou_token.weight"]
+    partial = tmp_path / "partial.safetensors"
+    save_file(sd, str(partial))
+    assert cli.main(["segment", str(IMAGES / "coffee.jpg"), "--point", "1,1", "--checkpoint", str(partial),
+                     "--output", str(tmp_path / "o")]) == 2
+    assert "mask_decoder.iou_token.weight" in one_error_line(capsys)
