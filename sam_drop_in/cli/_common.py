@@ -107,7 +107,7 @@ def read_image(path: Path):
     return np.ascontiguousarray(rgb)
 
 
-def on_image(path: Path, image, fn, *args, **kwargs):
+def on_image(path: Path, fn, *args, **kwargs):
     """``fn(*args, **kwargs)``: the model's work on one input image. An image the model cannot
     take (too thin to resize, for one: InputError or ValueError) fails that image only."""
     from .._errors import InputError
@@ -115,15 +115,14 @@ def on_image(path: Path, image, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (InputError, ValueError) as exc:
-        raise ImageFailed(f"cannot segment '{path}' ({image.shape[1]}x{image.shape[0]} pixels): "
-                          f"{one_line(exc)}") from None
+        raise ImageFailed(f"cannot segment '{path}': {one_line(exc)}") from None
 
 
 def report_failure(message: str) -> None:
     from tqdm.auto import tqdm
 
     # tqdm.write keeps an active progress bar intact.
-    tqdm.write(f"{PROG}: error: {one_line(message)}; skipped", file=sys.stderr)
+    tqdm.write(f"{PROG}: error: {one_line(message).rstrip('.')}; skipped", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------

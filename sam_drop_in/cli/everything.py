@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     for path in c.progress(inputs, args, "everything"):
         try:
             image = c.read_image(path)
-            records = c.on_image(path, image, generator.generate, image)
+            records = c.on_image(path, generator.generate, image)
         except c.ImageFailed as exc:
             c.report_failure(str(exc))
             n_failed += 1

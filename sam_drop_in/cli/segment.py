@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             image = c.read_image(path)
             _check_prompts_inside(points, boxes, image.shape[1], image.shape[0], path)
-            c.on_image(path, image, predictor.set_image, image)
+            c.on_image(path, predictor.set_image, image)
         except c.ImageFailed as exc:
             c.report_failure(str(exc))
             n_failed += 1
