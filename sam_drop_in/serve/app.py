@@ -1,0 +1,239 @@
+"""The ASGI application of ``sam-drop-in serve``: the page and its JSON/HTTP API (Starlette).
+
+Routes (docs/serve.md has request and response examples):
+
+- ``GET /``: the page; ``GET /static/...``: its assets (inside the package).
+- ``GET /api/info``: model, checkpoint and limits.
+- ``POST /api/embed``: an image (raw bytes, or multipart field ``image``) -> a session id.
+- ``POST /api/predict``: JSON prompt on a session -> masks (uncompressed COCO RLE).
+- ``POST /api/everything``: JSON on a session -> every mask (the records of
+  ``sam-drop-in everything --convert-to-rle``).
+- ``GET /api/session/{id}``: size, embedding time, everything progress;
+  ``DELETE /api/session/{id}``: forget it.
+
+Bad input of any kind is a 4xx with ``{"error": message}``; model work runs in worker threads,
+so a long everything job never blocks the page of another tab.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .._errors import InputError
+from . import sessions as sess
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+MAX_JSON_BYTES = 1 << 20
+
+
+class ClientError(Exception):
+    """A request the server refuses, with its HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8")
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON")
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    body = json.dumps(obj, default=_json_default, separators=(",", ":"))
+    return Response(body, status_code=status, media_type="application/json")
+
+
+def _error(status: int, message: str) -> Response:
+    return JSONResponse({"error": " ".join(str(message).split())}, status_code=status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    # Content-Length is only a hint (chunked uploads have none): count while reading, and stop
+    # at the limit instead of buffering whatever a client sends.
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ClientError(413, f"the upload is {int(declared)} bytes; this server accepts at most {limit} "
+                               f"({limit / 2**20:.0f} MiB; see --max-upload-mb)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ClientError(413, f"the upload is larger than this server's limit of {limit} bytes "
+                                   f"({limit / 2**20:.0f} MiB; see --max-upload-mb)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _image_bytes(request: Request, limit: int) -> bytes:
+    body = await _read_body(request, limit)
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        return body
+
+    # Parse the already size-checked body: replay it to a new Request for Starlette's parser.
+    async def replay() -> Dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=8, max_part_size=limit)
+    except (HTTPException, AssertionError) as exc:
+        detail = getattr(exc, "detail", None) or str(exc)
+        if "python-multipart" in detail:
+            raise ClientError(415, "multipart uploads need the 'python-multipart' package on the server "
+                                   "(pip install 'sam-drop-in[serve]'); or send the raw image bytes as the body")
+        raise ClientError(400, f"malformed multipart upload: {detail}")
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise ClientError(400, "a multipart upload needs a file field named 'image'")
+    return await upload.read()
+
+
+async def _json_body(request: Request) -> Dict[str, Any]:
+    body = await _read_body(request, MAX_JSON_BYTES)
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        raise ClientError(400, "the request body is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ClientError(400, f"the request body must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def create_app(
+    sam: Any,
+    *,
+    model_type: str = "vit_t",
+    checkpoint: str = "",
+    max_sessions: int = 8,
+    max_upload_bytes: int = 32 << 20,
+    max_pixels: int = 50_000_000,
+) -> Starlette:
+    """Build the web application around a loaded model.
+
+    Arguments:
+      sam (Sam): the model, in eval mode, on its device; shared by all sessions.
+      model_type (str): shown by /api/info and the page.
+      checkpoint (str): description of the weights (``"random weights"`` makes the page say so).
+      max_sessions (int): images whose embeddings stay cached (least recently used dropped).
+      max_upload_bytes (int): largest accepted request body for /api/embed (413 beyond).
+      max_pixels (int): largest accepted width * height of an uploaded image (413 beyond).
+
+    Returns:
+      (Starlette): the ASGI application.
+    """
+    store = sess.SessionStore(sam, max_sessions=max_sessions)
+
+    def session_of(obj: Dict[str, Any]) -> sess.Session:
+        if "session_id" not in obj:
+            raise ClientError(400, "the request needs a 'session_id' (from POST /api/embed)")
+        return store.get(obj["session_id"])
+
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def info(request: Request) -> Response:
+        return _json({
+            "model_type": model_type,
+            "checkpoint": checkpoint,
+            "random_weights": checkpoint == "random weights",
+            "max_upload_bytes": max_upload_bytes,
+            "max_pixels": max_pixels,
+            "max_sessions": max_sessions,
+            "everything_options": list(sess.EVERYTHING_OPTIONS + sess.HIERARCHICAL_ONLY_OPTIONS),
+        })
+
+    async def embed(request: Request) -> Response:
+        data = await _image_bytes(request, max_upload_bytes)
+        t0 = time.perf_counter()
+        image = await run_in_threadpool(sess.decode_image, data, max_pixels)
+        session = await run_in_threadpool(store.create, image)
+        out = session.status()
+        out["decode_seconds"] = round(time.perf_counter() - t0 - session.embed_seconds, 4)
+        return _json(out)
+
+    async def predict(request: Request) -> Response:
+        obj = await _json_body(request)
+        session = session_of(obj)
+        return _json(await run_in_threadpool(sess.predict, session, obj))
+
+    async def everything(request: Request) -> Response:
+        obj = await _json_body(request)
+        session = session_of(obj)
+        unknown = sorted(set(obj) - {"session_id", "hierarchical", "options"})
+        if unknown:
+            raise ClientError(400, f"unknown field(s) {unknown}; everything takes session_id, hierarchical, options")
+        hierarchical = obj.get("hierarchical", False)
+        options = obj.get("options") or {}
+        if not isinstance(hierarchical, bool):
+            raise ClientError(400, f"'hierarchical' must be true or false, got {hierarchical!r}")
+        if not isinstance(options, dict):
+            raise ClientError(400, f"'options' must be a JSON object, got {options!r}")
+        t0 = time.perf_counter()
+        records = await run_in_threadpool(sess.everything, session, hierarchical, options)
+        return _json({"records": records, "count": len(records), "hierarchical": hierarchical,
+                      "seconds": round(time.perf_counter() - t0, 3)})
+
+    async def session_status(request: Request) -> Response:
+        return _json(store.get(request.path_params["session_id"]).status())
+
+    async def session_delete(request: Request) -> Response:
+        store.delete(request.path_params["session_id"])
+        return Response(status_code=204)
+
+    async def on_client_error(request: Request, exc: Exception) -> Response:
+        return _error(exc.status, str(exc))
+
+    async def on_input_error(request: Request, exc: Exception) -> Response:
+        status = 413 if isinstance(exc, sess.ImageTooLarge) else 400
+        return _error(status, str(exc))
+
+    async def on_not_found(request: Request, exc: Exception) -> Response:
+        return _error(404, str(exc))
+
+    async def on_busy(request: Request, exc: Exception) -> Response:
+        return _error(409, str(exc))
+
+    async def on_http(request: Request, exc: HTTPException) -> Response:
+        return _error(exc.status_code, exc.detail)
+
+    routes = [
+        Route("/", index),
+        Route("/api/info", info),
+        Route("/api/embed", embed, methods=["POST"]),
+        Route("/api/predict", predict, methods=["POST"]),
+        Route("/api/everything", everything, methods=["POST"]),
+        Route("/api/session/{session_id}", session_status, methods=["GET"]),
+        Route("/api/session/{session_id}", session_delete, methods=["DELETE"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    handlers = {
+        ClientError: on_client_error,
+        # InputError is the package's bad-input type (a ValueError): the predictor's and the
+        # generators' own validation messages go back to the client unchanged.
+        InputError: on_input_error,
+        sess.SessionNotFound: on_not_found,
+        sess.Busy: on_busy,
+        HTTPException: on_http,
+    }
+    app = Starlette(routes=routes, exception_handlers=handlers)
+    app.state.sessions = store
+    return app
