@@ -18,10 +18,10 @@ from typing import Any, Optional
 REQUIRED = (
     ("starlette", "the web application"),
     ("uvicorn", "the HTTP server"),
-    ("multipart", "multipart/form-data uploads (python-multipart)"),
+    ("python_multipart", "multipart/form-data uploads (python-multipart)"),
     ("pycocotools", "COCO RLE records of everything mode"),
 )
-_PIP_NAMES = {"multipart": "python-multipart"}
+_PIP_NAMES = {"python_multipart": "python-multipart"}
 
 
 def missing_dependencies() -> list:

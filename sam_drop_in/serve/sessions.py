@@ -42,6 +42,8 @@ EVERYTHING_OPTIONS = (
 HIERARCHICAL_ONLY_OPTIONS = ("high_score_thresh",)
 # Bounds that keep one request from occupying the server for hours or exhausting memory
 # (points_per_side 128 is 16384 prompts per crop, 16x the default).
+INTEGER_OPTIONS = ("points_per_side", "points_per_batch", "crop_n_layers", "crop_n_points_downscale_factor",
+                   "min_mask_region_area")
 OPTION_LIMITS = {"points_per_side": (1, 128), "points_per_batch": (1, 1024), "crop_n_layers": (0, 2)}
 
 
@@ -293,6 +295,8 @@ def everything(session: Session, hierarchical: bool = False, options: Optional[D
     for key, value in options.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputError(f"everything option {key!r} must be a number, got {value!r}")
+        if key in INTEGER_OPTIONS and not isinstance(value, int):
+            raise InputError(f"everything option {key!r} must be an integer, got {value!r}")
         lo, hi = OPTION_LIMITS.get(key, (None, None))
         if lo is not None and not lo <= value <= hi:
             raise InputError(f"everything option {key!r} must be between {lo} and {hi} on this server, got {value!r}")

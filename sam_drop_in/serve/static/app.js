@@ -295,7 +295,8 @@ window.addEventListener("keydown", (e) => {
 
 function everythingOptions() {
   const num = (id) => Number($(id).value);
-  return {points_per_side: num("opt-points"), pred_iou_thresh: num("opt-iou"), stability_score_thresh: num("opt-stab")};
+  return {points_per_side: num("opt-points"), pred_iou_thresh: num("opt-iou"), stability_score_thresh: num("opt-stab"),
+          box_nms_thresh: num("opt-nms")};
 }
 
 $("everything").addEventListener("click", async () => {
