@@ -1,12 +1,14 @@
 """Helpers shared by the speed benchmark: identical weights for ours and the reference, real
 photographs, FLOP counting, matmul rate, peak memory, mask agreement."""
 
+import contextlib
 import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
-from typing import Callable, List, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -144,3 +146,39 @@ def mean_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     union = (a | b).flatten(1).sum(1).double()
     iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
     return float(iou.mean())
+
+
+# A busy loop in its own process, pinned to one core, that ends by itself after ``seconds`` even
+# if the benchmark dies without stopping it.
+_BUSY_LOOP = "import os, sys, time\nos.sched_setaffinity(0, {int(sys.argv[1])})\nend = time.monotonic() + float(sys.argv[2])\nwhile time.monotonic() < end:\n    pass\n"
+
+
+@contextlib.contextmanager
+def busy_core(seconds: float, core: Optional[int] = None) -> Iterator[Optional[int]]:
+    """Keeps one core busy with a pinned busy-loop process while the block runs.
+
+    Arguments:
+      seconds (float): upper bound on the loop's life; it stops earlier when the block ends.
+      core (int or None): the core to load; default the highest-numbered core this process may
+        use (the "other" core on a 2-core machine, where torch's second thread also runs).
+
+    Yields:
+      (int or None): the loaded core, or None where affinity cannot be set (not Linux, or one
+        core only), in which case nothing is started.
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        yield None
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if core is None:
+        if len(cores) < 2:
+            yield None
+            return
+        core = cores[-1]
+    proc = subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(core), str(seconds)])
+    try:
+        time.sleep(0.2)  # let it start and settle on its core
+        yield core
+    finally:
+        proc.terminate()
+        proc.wait()

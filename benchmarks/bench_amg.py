@@ -2,11 +2,14 @@
 
     python benchmarks/bench_amg.py            # full run (several minutes per reference run)
     python benchmarks/bench_amg.py --quick    # smaller grids and image
+    python benchmarks/bench_amg.py --only zero --threads 2 --busy-core   # thresholds 0, quiet and busy
 
 Each run happens in its own child process, one after another, so its peak resident memory
 (VmHWM, which sees torch's allocations, unlike tracemalloc) is its own. Times are wall-clock of
 ``generate`` only (model building and weight loading excluded); the image embedding is part of
-it, as in real use. Machines are noisy: read the ratios.
+it, as in real use. Machines are noisy: read the ratios. --busy-core runs each chosen workload twice, quiet and then
+with a busy-loop process pinned to the last core (started and stopped here, and ending by itself
+after --busy-seconds); --threads sets torch's intra-op threads in every child.
 
 Workloads:
 - "defaults": upstream's default arguments (32x32 grid; 16x16 with --quick). Random weights
@@ -23,6 +26,7 @@ Workloads:
 """
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import sys
@@ -34,7 +38,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import vmhwm_mib  # noqa: E402  (benchmarks/_common.py)
+from _common import busy_core, vmhwm_mib  # noqa: E402  (benchmarks/_common.py)
 
 
 def _image(quick: bool) -> np.ndarray:
@@ -61,11 +65,13 @@ def _state_dict(confident: bool):
     return sd
 
 
-def _child(impl: str, kind: str, kwargs: Dict[str, Any], confident: bool, quick: bool, queue) -> None:
+def _child(impl: str, kind: str, kwargs: Dict[str, Any], confident: bool, quick: bool, threads: int, queue) -> None:
     warnings.filterwarnings("ignore")
     sys.path.insert(0, ROOT)
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     sd = _state_dict(confident)
     if impl == "mobile_sam":
         import mobile_sam
@@ -89,10 +95,13 @@ def _child(impl: str, kind: str, kwargs: Dict[str, Any], confident: bool, quick:
     queue.put({"seconds": seconds, "peak_mib": vmhwm_mib(), "records": records})
 
 
+THREADS = 0  # set from --threads
+
+
 def run(impl: str, kind: str, kwargs: Dict[str, Any], confident: bool, quick: bool) -> Dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(impl, kind, kwargs, confident, quick, queue))
+    proc = ctx.Process(target=_child, args=(impl, kind, kwargs, confident, quick, THREADS, queue))
     proc.start()
     out = queue.get()
     proc.join()
@@ -144,7 +153,19 @@ def main() -> None:
         "--only", choices=["defaults", "zero", "hierarchical"], action="append",
         help="run only these workloads (repeatable); hierarchical also runs our full grid to compare",
     )
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--busy-core", action="store_true", help="also run every workload with the last core busy")
+    parser.add_argument("--busy-seconds", type=float, default=3600.0, help="upper bound on the busy loop's life")
     args = parser.parse_args()
+    global THREADS
+    THREADS = args.threads
+    for load in (["quiet", "busy"] if args.busy_core else ["quiet"]):
+        print(f"\n##### {load}" + (" (busy loop pinned to the last core)" if load == "busy" else ""))
+        with busy_core(args.busy_seconds) if load == "busy" else contextlib.nullcontext():
+            _workloads(args)
+
+
+def _workloads(args) -> None:
     q = args.quick
     only = set(args.only or ["defaults", "zero", "hierarchical"])
     rle = {"output_mode": "uncompressed_rle"}  # records travel between processes; masks compared as RLE
@@ -157,7 +178,8 @@ def main() -> None:
         rows.append((name, r["seconds"], r["peak_mib"], len(r["records"])))
         print(f"  {name:<42s} {r['seconds']:8.1f} s  peak {r['peak_mib']:7.0f} MiB  {len(r['records']):5d} masks", flush=True)
 
-    print(f"image {'512x384' if q else '1024x768'} (skimage coffee), vit_t, torch threads {os.cpu_count()} cores")
+    print(f"image {'512x384' if q else '1024x768'} (skimage coffee), vit_t, torch threads "
+          f"{args.threads or 'default'}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
 
     kw = dict(points_per_side=side_default, **rle)
     our_d = None
