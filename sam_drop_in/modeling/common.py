@@ -15,8 +15,8 @@ class MLPBlock(nn.Module):
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not eager_inference() or x.numel() <= ROW_GROUP * x.shape[-1]:
-            return self.lin2(self.act(self.lin1(x)))
+        if not cache_pieces() or x.numel() <= ROW_GROUP * x.shape[-1]:
+            return self.lin2(activate_(self.act, self.lin1(x)))
         # Inference on many tokens (ViT: 4096-4900 per image): groups of rows keep the 4x-wide
         # hidden activations in cache (vit_b block MLP 277 -> 234 ms on 2 cores), same values.
         return in_row_groups(lambda part: self.lin2(activate_(self.act, self.lin1(part))), x, self.lin2.out_features)
@@ -55,6 +55,24 @@ def eager_inference() -> bool:
         or torch.onnx.is_in_onnx_export()
         or torch.compiler.is_compiling()
     )
+
+
+# The encoders' cache-sized piecewise paths (strips, row groups) run only with at most this many
+# intra-op threads. Each operation on a piece is a parallel region that ends when its slowest
+# thread does; pieces multiply the regions (about 5x in TinyViT at 1024 px). On one thread there
+# are no regions and the pieces' cache reuse is pure gain. With two threads, as soon as another
+# process holds one core, every region waits for the thread that shares it. vit_t set_image on
+# 2 threads, x faster than MobileSAM in one run (shared machine, load average 13-14): pieces
+# 0.85x, whole-tensor ops 1.64x; with a busy loop pinned to the second core as well, pieces
+# 0.68x, whole-tensor ops 1.56x (docs/speed.md). Whole-tensor ops keep the folded BatchNorm
+# and in-place GELU.
+PIECES_MAX_THREADS = 1
+
+
+def cache_pieces() -> bool:
+    """Whether the encoders' cache-sized piecewise inference paths run: when eager_inference()
+    holds and torch uses at most PIECES_MAX_THREADS intra-op threads."""
+    return torch.get_num_threads() <= PIECES_MAX_THREADS and eager_inference()
 
 
 def activate_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:

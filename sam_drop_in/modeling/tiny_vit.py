@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils import checkpoint as activation_checkpoint
 
 from . import common
-from .common import LayerNorm2d, activate_, attention, eager_inference
+from .common import LayerNorm2d, activate_, attention, cache_pieces, eager_inference
 
 
 class Conv2d_BN(nn.Sequential):
@@ -54,7 +54,7 @@ class Conv2d_BN(nn.Sequential):
         return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
 
 
-# Inference works on pieces whose intermediates stay in cache: the stage-0 blocks in strips of
+# Inference on one thread (common.cache_pieces) works on pieces whose intermediates stay in cache: the stage-0 blocks in strips of
 # rows (their 4x-expanded hidden tensor is 64 MB at 1024 px), the token MLPs in groups of
 # common.ROW_GROUP tokens.
 # Every output value is computed from the same inputs by the same kernels, and the results are
@@ -138,15 +138,16 @@ class MBConv(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x):
-        if not self.training and eager_inference():
+        if not self.training and cache_pieces():
             rows = _strip_rows(x, self.hidden_chans)
             if x.shape[2] > rows and self.conv2.c.stride == (1, 1):
                 return self._forward_strips(x, rows)
         shortcut = x
-        x = self.act1(self.conv1(x))
-        x = self.act2(self.conv2(x))
+        # activate_: GELU in place when no gradient is recorded (fresh tensors here).
+        x = activate_(self.act1, self.conv1(x))
+        x = activate_(self.act2, self.conv2(x))
         x = self.drop_path(self.conv3(x))
-        return self.act3(x + shortcut)
+        return activate_(self.act3, x + shortcut)
 
     def _forward_strips(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         (w1, b1), (w3, b3) = self.conv1.folded(), self.conv3.folded()
@@ -178,7 +179,7 @@ class PatchMerging(nn.Module):
             h, w = self.input_resolution
             x = x.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
         rows = _strip_rows(x, self.out_dim)
-        if not self.training and eager_inference() and x.shape[2] > 2 * rows:
+        if not self.training and cache_pieces() and x.shape[2] > 2 * rows:
             (w1, b1), (w3, b3) = self.conv1.folded(), self.conv3.folded()
             x = _in_strips(
                 x, rows, self.conv2,
@@ -186,8 +187,8 @@ class PatchMerging(nn.Module):
                 after=lambda h, r0, r1: F.conv2d(activate_(self.act, h), w3, b3),
             )
         else:
-            x = self.act(self.conv1(x))
-            x = self.act(self.conv2(x))
+            x = activate_(self.act, self.conv1(x))
+            x = activate_(self.act, self.conv2(x))
             x = self.conv3(x)
         return x.flatten(2).transpose(1, 2)
 
@@ -232,8 +233,8 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
-        if self.training or not eager_inference() or x.numel() <= common.ROW_GROUP * x.shape[-1]:
-            return self.drop(self.fc2(self.drop(self.act(self.fc1(self.norm(x))))))
+        if self.training or not cache_pieces() or x.numel() <= common.ROW_GROUP * x.shape[-1]:
+            return self.drop(self.fc2(self.drop(activate_(self.act, self.fc1(self.norm(x))))))
         return common.in_row_groups(lambda part: self.fc2(activate_(self.act, self.fc1(self.norm(part)))),
                                     x, self.fc2.out_features)
 
