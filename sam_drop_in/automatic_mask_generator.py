@@ -1,17 +1,24 @@
 """SamAutomaticMaskGenerator: segment_anything's "everything" mode, same records, less work.
 
 The records are those of ``segment_anything.SamAutomaticMaskGenerator`` for the same model and
-image. The work differs only where it cannot change a record:
+image, and the structure is upstream's: ``generate`` -> ``_generate_masks`` -> ``_process_crop``
+per crop -> ``_process_batch`` per ``points_per_batch`` points, then ``postprocess_small_regions``,
+with upstream's signatures and MaskData fields, so a subclass that overrides any of them (as
+CNOS and others do) changes what it would change upstream. The work differs only inside
+``_process_batch``, and only where it cannot change a record:
 
 - The predicted-IoU filter needs no mask, so it runs on the decoder's outputs before anything
   is upsampled; only its survivors are upsampled to full resolution (upstream upsamples all
   three masks of every prompt first).
 - Stability is still computed on the full-resolution upsampled logits, exactly as upstream, but
-  only for the IoU survivors; boxes, edge tests and RLE only for the stability survivors, each in
-  one batched operation instead of a Python loop per mask.
+  only for the IoU survivors, a few masks at a time; boxes, edge tests and RLE only for the
+  stability survivors, each in one batched operation instead of a Python loop per mask.
+- The decoder's per-image work is done once per crop (the predictor keeps it between batches).
 - Nothing is deep-copied when batches and crops are concatenated.
 """
 
+import math
+import numbers
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -20,17 +27,18 @@ import torch
 from ._errors import InputError
 from .utils.amg import (
     MaskData,
-    _import_cv2,
-    _import_pycocotools,
-    area_from_rle,
+    batch_iterator,
     batched_mask_to_box,
+    box_nms,
     build_all_layer_point_grids,
     calculate_stability_score,
-    coco_encode_rle,
     generate_crop_boxes,
     is_box_near_crop_edge,
+    mask_data_to_records,
     mask_to_rle_pytorch,
     remove_small_regions,
+    require_opencv,
+    require_pycocotools,
     rle_to_mask,
     uncrop_boxes_xyxy,
     uncrop_masks,
@@ -53,31 +61,96 @@ def _make_predictor(model: "Sam") -> Any:
     return SamPredictor(model)
 
 
-def _batched_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Single-category NMS; the category tensor lives on the boxes' device (fixed upstream bug)."""
-    from torchvision.ops.boxes import batched_nms  # type: ignore
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
-    categories = torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
-    return batched_nms(boxes.float(), scores.to(boxes.device), categories, iou_threshold=iou_threshold)
+
+def _is_real(value: Any) -> bool:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _check_fraction(name: str, value: Any, meaning: str) -> None:
+    if not _is_real(value) or not 0.0 <= value <= 1.0:
+        raise InputError(f"{name} must be a number in [0, 1] ({meaning}), got {value!r}.")
 
 
 def _check_generator_args(
-    points_per_side: Optional[int],
+    points_per_side: Optional[Any],
+    points_per_batch: Any,
+    pred_iou_thresh: Any,
+    stability_score_thresh: Any,
+    stability_score_offset: Any,
+    box_nms_thresh: Any,
+    crop_n_layers: Any,
+    crop_nms_thresh: Any,
+    crop_overlap_ratio: Any,
+    crop_n_points_downscale_factor: Any,
     point_grids: Optional[List[np.ndarray]],
+    min_mask_region_area: Any,
     output_mode: str,
-    min_mask_region_area: int,
-    points_per_batch: int,
 ) -> None:
+    """Refuse options that upstream would crash on later (ZeroDivisionError, IndexError, ...) or
+    that silently keep nothing, with a message naming the option. InputError is a ValueError and
+    an AssertionError, so handlers written for upstream's asserts still catch it."""
     if (points_per_side is None) == (point_grids is None):
         raise InputError("Exactly one of points_per_side or point_grid must be provided.")
     if output_mode not in _OUTPUT_MODES:
         raise InputError(f"Unknown output_mode {output_mode}.")
-    if not isinstance(points_per_batch, (int, np.integer)) or points_per_batch <= 0:
+    if not _is_int(crop_n_layers) or crop_n_layers < 0:
+        raise InputError(f"crop_n_layers must be an integer >= 0 (0: the whole image only), got {crop_n_layers!r}.")
+    if not _is_real(crop_n_points_downscale_factor) or crop_n_points_downscale_factor < 1:
+        raise InputError(
+            "crop_n_points_downscale_factor must be a number >= 1 (crop layer i uses "
+            f"points_per_side / factor**i points per side), got {crop_n_points_downscale_factor!r}."
+        )
+    if points_per_side is not None:
+        if not _is_real(points_per_side) or points_per_side < 1:
+            raise InputError(f"points_per_side must be a positive integer, got {points_per_side!r}.")
+        last = int(points_per_side / (crop_n_points_downscale_factor**crop_n_layers))
+        if last < 1:
+            raise InputError(
+                f"crop layer {crop_n_layers} would get no points: points_per_side / "
+                f"crop_n_points_downscale_factor**crop_n_layers = {points_per_side} / "
+                f"{crop_n_points_downscale_factor}**{crop_n_layers} < 1. Raise points_per_side or lower "
+                "crop_n_layers or crop_n_points_downscale_factor."
+            )
+    else:
+        if not isinstance(point_grids, (list, tuple)) or len(point_grids) < crop_n_layers + 1:
+            n = len(point_grids) if isinstance(point_grids, (list, tuple)) else type(point_grids).__name__
+            raise InputError(
+                f"point_grids must be a list with one grid per crop layer (crop_n_layers + 1 = "
+                f"{crop_n_layers + 1}), got {n}."
+            )
+        for i, grid in enumerate(point_grids[: crop_n_layers + 1]):
+            shape = getattr(grid, "shape", None)
+            if not isinstance(grid, np.ndarray) or grid.ndim != 2 or grid.shape[1] != 2 or grid.shape[0] == 0:
+                raise InputError(
+                    f"point_grids[{i}] must be a non-empty Kx2 numpy array of (x, y) in [0, 1], got "
+                    f"{type(grid).__name__} of shape {shape}."
+                )
+    if not _is_int(points_per_batch) or points_per_batch <= 0:
         raise InputError(f"points_per_batch must be a positive integer, got {points_per_batch!r}.")
+    _check_fraction("pred_iou_thresh", pred_iou_thresh, "0 keeps every predicted IoU")
+    _check_fraction("stability_score_thresh", stability_score_thresh, "0 keeps every stability score")
+    _check_fraction("box_nms_thresh", box_nms_thresh, "a box IoU; 1 keeps every box")
+    _check_fraction("crop_nms_thresh", crop_nms_thresh, "a box IoU; 1 keeps every box")
+    if not _is_real(stability_score_offset) or stability_score_offset < 0:
+        raise InputError(f"stability_score_offset must be a number >= 0 (a logit shift), got {stability_score_offset!r}.")
+    if not _is_real(crop_overlap_ratio) or not 0.0 <= crop_overlap_ratio < 1.0:
+        raise InputError(
+            f"crop_overlap_ratio must be a number in [0, 1) (a fraction of the short side), got {crop_overlap_ratio!r}."
+        )
+    if not _is_real(min_mask_region_area) or min_mask_region_area < 0:
+        raise InputError(f"min_mask_region_area must be a number >= 0 (pixels; 0 disables), got {min_mask_region_area!r}.")
     if output_mode == "coco_rle":
-        _import_pycocotools()
+        require_pycocotools()
     if min_mask_region_area > 0:
-        _import_cv2()
+        require_opencv()
 
 
 class SamAutomaticMaskGenerator:
@@ -125,19 +198,24 @@ class SamAutomaticMaskGenerator:
           min_mask_region_area (int): if >0, fill holes and remove islands smaller than this
             many pixels (needs OpenCV).
           output_mode (str): 'binary_mask', 'uncompressed_rle' or 'coco_rle' (needs pycocotools).
-          decode_batch_size (int or None, keyword-only): prompts per mask-decoder call; None
-            means points_per_batch. Records do not depend on it beyond float rounding.
+          decode_batch_size (int or None, keyword-only): prompts per mask-decoder call within
+            each batch of points_per_batch (so at most points_per_batch); None means
+            points_per_batch. Records do not depend on it beyond float rounding.
           progress (bool, keyword-only): show a tqdm progress bar over decoder batches.
         """
-        _check_generator_args(points_per_side, point_grids, output_mode, min_mask_region_area, points_per_batch)
+        _check_generator_args(
+            points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh, stability_score_offset,
+            box_nms_thresh, crop_n_layers, crop_nms_thresh, crop_overlap_ratio, crop_n_points_downscale_factor,
+            point_grids, min_mask_region_area, output_mode,
+        )
+        if decode_batch_size is not None and (not _is_int(decode_batch_size) or decode_batch_size <= 0):
+            raise InputError(f"decode_batch_size must be a positive integer or None, got {decode_batch_size!r}.")
         if points_per_side is not None:
             self.point_grids = build_all_layer_point_grids(
                 points_per_side, crop_n_layers, crop_n_points_downscale_factor
             )
         else:
             self.point_grids = point_grids
-        if decode_batch_size is not None and decode_batch_size <= 0:
-            raise InputError(f"decode_batch_size must be a positive integer or None, got {decode_batch_size!r}.")
 
         self.predictor = _make_predictor(model)
         self.points_per_batch = points_per_batch
@@ -165,15 +243,18 @@ class SamAutomaticMaskGenerator:
         Returns:
           (list(dict)): one record per mask, with keys
             segmentation (np.ndarray HxW bool, or an RLE dict for the RLE output modes),
-            area (int, pixels), bbox (list of 4 int, XYWH), predicted_iou (float),
+            area (int, pixels), bbox (list of 4 numbers, XYWH), predicted_iou (float),
             point_coords (list with one [x, y] in pixels), stability_score (float),
-            crop_box (list of 4 int, XYWH).
+            crop_box (list of 4 numbers, XYWH). bbox and crop_box hold ints, or floats where
+            upstream's would (a batch or crop that kept no mask makes its tensors float32).
         """
         image = self._check_image(image)
         mask_data = self._generate_masks(image)
-        return self._postprocess_and_encode(mask_data)
-
-    # -- steps -------------------------------------------------------------------------
+        if self.min_mask_region_area > 0:
+            mask_data = self.postprocess_small_regions(
+                mask_data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
+            )
+        return mask_data_to_records(mask_data, self.output_mode)
 
     @staticmethod
     def _check_image(image: np.ndarray) -> np.ndarray:
@@ -181,14 +262,18 @@ class SamAutomaticMaskGenerator:
 
         return check_image(image, "RGB")
 
-    def _postprocess_and_encode(self, mask_data: MaskData) -> List[Dict[str, Any]]:
-        if self.min_mask_region_area > 0 and len(mask_data["rles"]) > 0:
-            mask_data = self.postprocess_small_regions(
-                mask_data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
-            )
-        return _records(mask_data, self.output_mode)
-
     def _generate_masks(self, image: np.ndarray) -> MaskData:
+        """
+        Masks of every crop, duplicates across crops removed (the smaller crop's mask wins).
+
+        Arguments:
+          image (np.ndarray): HxWx3 uint8 RGB image.
+
+        Returns:
+          (MaskData): numpy columns rles, boxes (XYXY, image frame), iou_preds, points (x, y,
+            image frame), stability_score, crop_boxes (XYXY), plus any column a subclass's
+            _process_crop or _process_batch adds.
+        """
         orig_size = image.shape[:2]
         crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
 
@@ -199,9 +284,9 @@ class SamAutomaticMaskGenerator:
         # Across crops prefer masks from smaller crops. Upstream crashes here when no crop kept
         # a mask; there is simply nothing to suppress.
         if len(crop_boxes) > 1 and len(data["rles"]) > 0:
-            cb = data["crop_boxes"]
+            cb = torch.as_tensor(data["crop_boxes"])
             scores = 1 / ((cb[:, 2] - cb[:, 0]) * (cb[:, 3] - cb[:, 1]))
-            data.filter(_batched_nms(data["boxes"], scores, self.crop_nms_thresh))
+            data.filter(box_nms(data["boxes"], scores, self.crop_nms_thresh))
 
         data.to_numpy()
         return data
@@ -213,23 +298,76 @@ class SamAutomaticMaskGenerator:
         crop_layer_idx: int,
         orig_size: Tuple[int, ...],
     ) -> MaskData:
+        """
+        Masks of one crop: its points decoded in batches of points_per_batch by _process_batch,
+        then box NMS within the crop, then moved to the image's frame.
+
+        Arguments:
+          image (np.ndarray): the whole HxWx3 uint8 RGB image.
+          crop_box (list(int)): the crop, XYXY pixels.
+          crop_layer_idx (int): its layer (selects the point grid).
+          orig_size (tuple(int, int)): (H, W) of the whole image.
+
+        Returns:
+          (MaskData): torch columns rles (uncompressed RLE at orig_size), boxes (Nx4 XYXY, image
+            frame), iou_preds (N), points (Nx2 float64, image frame), stability_score (N),
+            crop_boxes (Nx4 XYXY int64; an empty float32 tensor when nothing is kept, as upstream).
+        """
         x0, y0, x1, y1 = crop_box
         cropped = image[y0:y1, x0:x1, :]
         cropped_size = cropped.shape[:2]
         self.predictor.set_image(cropped)
 
         points_scale = np.array(cropped_size)[None, ::-1]
-        points = self.point_grids[crop_layer_idx] * points_scale
-        data = self._decode_points(points, cropped_size, crop_box, orig_size)
+        points_for_image = self.point_grids[crop_layer_idx] * points_scale
+
+        data = MaskData()
+        batches = batch_iterator(self.points_per_batch, points_for_image)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, total=-(-len(points_for_image) // self.points_per_batch), desc="decoding prompts", unit="batch")
+        for (points,) in batches:
+            data.cat(self._process_batch(points, cropped_size, crop_box, orig_size))
         self.predictor.reset_image()
 
-        data.filter(_batched_nms(data["boxes"], data["iou_preds"], self.box_nms_thresh))
+        data.filter(box_nms(data["boxes"], data["iou_preds"], self.box_nms_thresh))
         data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["points"] = uncrop_points(data["points"], crop_box)
-        data["crop_boxes"] = torch.tensor(crop_box, dtype=torch.long).repeat(len(data["rles"]), 1)
+        # A list of int lists gives int64; no rows gives an empty float32 tensor, which then
+        # promotes every crop's boxes to float32 in the concatenation: upstream's record types.
+        data["crop_boxes"] = torch.tensor([crop_box for _ in range(len(data["rles"]))])
         return data
 
-    def _decode_points(
+    def _process_batch(
+        self,
+        points: np.ndarray,
+        im_size: Tuple[int, ...],
+        crop_box: List[int],
+        orig_size: Tuple[int, ...],
+    ) -> MaskData:
+        """
+        Decode a batch of single-point prompts (3 masks each) and keep the masks upstream keeps:
+        predicted IoU above pred_iou_thresh, stability at least stability_score_thresh, box not
+        on a crop edge that is not an image edge.
+
+        Arguments:
+          points (np.ndarray): Bx2 points (x, y) in pixels of the crop.
+          im_size (tuple(int, int)): (h, w) of the crop.
+          crop_box (list(int)): the crop, XYXY in the image.
+          orig_size (tuple(int, int)): (H, W) of the whole image.
+
+        Returns:
+          (MaskData): upstream's columns, in prompt-major order of the kept masks:
+            rles (list of uncompressed RLE at orig_size), boxes (Mx4 int64 XYXY, crop frame; an
+            empty float32 0x4 when no mask passes the two score filters, as upstream's
+            batched_mask_to_box gives), iou_preds (M float32), points (Mx2, the dtype of
+            ``points``, crop frame), stability_score (M float32).
+        """
+        return self._filtered_batch(points, im_size, crop_box, orig_size)
+
+    @torch.no_grad()
+    def _filtered_batch(
         self,
         points: np.ndarray,
         im_size: Tuple[int, ...],
@@ -238,45 +376,47 @@ class SamAutomaticMaskGenerator:
         covered: Optional[List[torch.Tensor]] = None,
         high_score_thresh: float = 0.0,
     ) -> MaskData:
-        """Decode point prompts (pixels of the current image) and keep what upstream keeps.
+        """The work of _process_batch, in decoder calls of decode_batch_size prompts.
 
-        Returns MaskData with rles (uncropped to orig_size), boxes (XYXY, crop frame, int64),
-        iou_preds, points (crop frame, float64) and stability_score, in prompt order x 3 masks.
-        When ``covered`` is a list, it ends up holding one HxW bool tensor (crop frame): the union over
-        stability survivors of their full-resolution logits > high_score_thresh (hierarchical mode).
+        When ``covered`` is a list, it ends up holding one HxW bool tensor (crop frame), or-ed
+        over calls: the union over stability survivors of their full-resolution logits >
+        high_score_thresh (hierarchical mode).
         """
-        device = self.predictor.device
-        batch = self.decode_batch_size or self.points_per_batch
-
+        step = self.decode_batch_size or len(points)
         rles: List[Dict[str, Any]] = []
-        boxes, ious, stabs, pts_kept = [], [], [], []
-        starts = range(0, len(points), batch)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="decoding prompts", unit="batch")
-        for start in starts:
-            pts = points[start : start + batch]
-            low_res, iou, keep = self._decode_batch(pts, im_size)
-            pts_rep = np.repeat(pts, keep.shape[1], axis=0)[keep.flatten().cpu().numpy()]
+        boxes, ious, stabs, rows = [], [], [], []
+        n_stable = 0
+        masks_per_prompt = 3
+        for start in range(0, len(points), step):
+            low_res, iou, keep = self._decode_batch(points[start : start + step], im_size)
+            masks_per_prompt = keep.shape[1]
+            # Row of each IoU survivor among the batch's B x 3 masks (upstream's flattened order).
+            kept_rows = keep.flatten().nonzero()[:, 0].cpu() + start * masks_per_prompt
             for c in range(0, low_res.shape[0], _UPSAMPLE_CHUNK):
-                out = self._score_and_encode(
+                chunk_rles, bx, stab, sel, n = self._score_and_encode(
                     low_res[c : c + _UPSAMPLE_CHUNK], crop_box, orig_size, covered, high_score_thresh
                 )
-                if out is None:
+                n_stable += n
+                if not chunk_rles:
                     continue
-                chunk_rles, bx, stab, sel = out
                 rles.extend(chunk_rles)
                 boxes.append(bx)
                 stabs.append(stab)
                 ious.append(iou[c : c + _UPSAMPLE_CHUNK][sel.to(iou.device)])
-                pts_kept.append(pts_rep[c : c + _UPSAMPLE_CHUNK][sel.cpu().numpy()])
+                rows.append(kept_rows[c : c + _UPSAMPLE_CHUNK][sel.cpu()])
 
+        device = self.predictor.device
+        if n_stable == 0:
+            # Upstream's batched_mask_to_box on no masks: float32 zeros.
+            box_t = torch.zeros(0, 4, device=device)
+        else:
+            box_t = torch.cat(boxes) if boxes else torch.zeros(0, 4, dtype=torch.long, device=device)
+        row_idx = torch.cat(rows).numpy() if rows else np.zeros(0, dtype=np.int64)
         return MaskData(
             rles=rles,
-            boxes=torch.cat(boxes) if boxes else torch.zeros(0, 4, dtype=torch.long, device=device),
+            boxes=box_t,
             iou_preds=torch.cat(ious) if ious else torch.zeros(0, device=device),
-            points=torch.as_tensor(np.concatenate(pts_kept) if pts_kept else np.zeros((0, 2))),
+            points=torch.as_tensor(points.repeat(masks_per_prompt, axis=0)[row_idx]),
             stability_score=torch.cat(stabs) if stabs else torch.zeros(0, device=device),
         )
 
@@ -287,10 +427,11 @@ class SamAutomaticMaskGenerator:
         orig_size: Tuple[int, ...],
         covered: Optional[List[torch.Tensor]],
         high_score_thresh: float,
-    ) -> Optional[Tuple[List[Dict[str, Any]], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    ) -> Tuple[List[Dict[str, Any]], torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Upsample K low-res logits (Kx256x256), filter by stability and crop edge, encode.
 
-        Returns (rles, boxes Mx4 int64, stability M, indices M of the kept rows) or None.
+        Returns (rles, boxes Mx4 int64, stability M, indices M of the kept rows, number of
+        stability survivors before the edge filter).
         """
         model = self.predictor.model
         orig_h, orig_w = orig_size
@@ -302,7 +443,8 @@ class SamAutomaticMaskGenerator:
         if self.stability_score_thresh > 0.0:
             keep = stab >= self.stability_score_thresh
             logits, stab, idx = logits[keep], stab[keep], idx[keep]
-        if covered is not None and logits.shape[0] > 0:
+        n_stable = logits.shape[0]
+        if covered is not None and n_stable > 0:
             hit = (logits > high_score_thresh).any(dim=0)
             if covered:
                 covered[0] |= hit
@@ -311,12 +453,13 @@ class SamAutomaticMaskGenerator:
         masks = logits > model.mask_threshold
         del logits
         bx = batched_mask_to_box(masks)
-        near = is_box_near_crop_edge(bx, crop_box, [0, 0, orig_w, orig_h])
-        if bool(near.any()):
-            masks, bx, stab, idx = masks[~near], bx[~near], stab[~near], idx[~near]
+        if n_stable > 0:
+            near = is_box_near_crop_edge(bx, crop_box, [0, 0, orig_w, orig_h])
+            if bool(near.any()):
+                masks, bx, stab, idx = masks[~near], bx[~near], stab[~near], idx[~near]
         if masks.shape[0] == 0:
-            return None
-        return mask_to_rle_pytorch(uncrop_masks(masks, crop_box, orig_h, orig_w)), bx, stab, idx
+            return [], bx, stab, idx, n_stable
+        return mask_to_rle_pytorch(uncrop_masks(masks, crop_box, orig_h, orig_w)), bx, stab, idx, n_stable
 
     def _decode_batch(
         self, points: np.ndarray, im_size: Tuple[int, ...]
@@ -404,7 +547,7 @@ class SamAutomaticMaskGenerator:
         boxes = batched_mask_to_box(masks_t)
         # Score 1 for untouched masks, 0 for changed ones, so NMS prefers the untouched.
         scores = torch.tensor([float(u) for u in unchanged])
-        keep = _batched_nms(boxes, scores, nms_thresh)
+        keep = box_nms(boxes, scores, nms_thresh)
 
         changed_kept = [int(i) for i in keep if not unchanged[int(i)]]
         if changed_kept:
@@ -415,42 +558,3 @@ class SamAutomaticMaskGenerator:
         mask_data.filter(keep)
         return mask_data
 
-
-def _records(mask_data: MaskData, output_mode: str, whole_image_box: Optional[List[int]] = None) -> List[Dict[str, Any]]:
-    """Turn MaskData (numpy, after to_numpy) into upstream's list of records."""
-    rles = mask_data["rles"]
-    n = len(rles)
-    if n == 0:
-        return []
-    if output_mode == "coco_rle":
-        segs = [coco_encode_rle(rle) for rle in rles]
-    elif output_mode == "binary_mask":
-        segs = [rle_to_mask(rle) for rle in rles]
-    else:
-        segs = rles
-
-    def xywh(b: Any) -> List[Any]:
-        b = np.array(b, copy=True)
-        b[:, 2:] -= b[:, :2]
-        return b.tolist()
-
-    bboxes = xywh(np.asarray(mask_data["boxes"]))
-    ious = np.asarray(mask_data["iou_preds"]).tolist()
-    stabs = np.asarray(mask_data["stability_score"]).tolist()
-    points = np.asarray(mask_data["points"]).tolist()
-    if whole_image_box is not None:
-        crop_boxes = [list(whole_image_box) for _ in range(n)]
-    else:
-        crop_boxes = xywh(np.asarray(mask_data["crop_boxes"]))
-    return [
-        {
-            "segmentation": segs[i],
-            "area": area_from_rle(rles[i]),
-            "bbox": bboxes[i],
-            "predicted_iou": ious[i],
-            "point_coords": [points[i]],
-            "stability_score": stabs[i],
-            "crop_box": crop_boxes[i],
-        }
-        for i in range(n)
-    ]

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ._errors import InputError
-from .automatic_mask_generator import SamAutomaticMaskGenerator, _batched_nms, _records
-from .utils.amg import MaskData, build_point_grid
+from .automatic_mask_generator import SamAutomaticMaskGenerator
+from .utils.amg import MaskData, batch_iterator, box_nms, build_point_grid, mask_data_to_records
 
 if TYPE_CHECKING:  # pragma: no cover
     from .modeling import Sam
@@ -132,25 +132,45 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
         self.predictor.set_image(image)
         try:
             sparse_points = build_point_grid(self.points_per_side // 4) * np.array([[iw, ih]])
-            covered_parts: List[torch.Tensor] = []
-            sparse = self._decode_points(
-                sparse_points, (ih, iw), whole, (ih, iw), covered=covered_parts, high_score_thresh=self.high_score_thresh
-            )
-            covered = _union(covered_parts, (ih, iw))
-            dense_points = self._dense_points(sparse_points, covered.cpu().numpy(), iw, ih)
-            data = self._decode_points(dense_points, (ih, iw), whole, (ih, iw))
+            covered: List[torch.Tensor] = []  # holds at most one HxW mask, or-ed into by each batch
+            sparse = self._decode_points(sparse_points, whole, covered)
+            covered_np = covered[0].cpu().numpy() if covered else np.zeros((ih, iw), dtype=bool)
+            data = self._decode_points(self._dense_points(sparse_points, covered_np, iw, ih), whole)
         finally:
             self.predictor.reset_image()
 
         data.cat(sparse)
         if len(data["rles"]) > 0:
-            data.filter(_batched_nms(data["boxes"], data["iou_preds"], self.box_nms_thresh))
+            data.filter(box_nms(data["boxes"], data["iou_preds"], self.box_nms_thresh))
+        data["crop_boxes"] = torch.tensor([whole for _ in range(len(data["rles"]))])
         data.to_numpy()
-        if self.min_mask_region_area > 0 and len(data["rles"]) > 0:
+        if self.min_mask_region_area > 0:
             data = self.postprocess_small_regions(
                 data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
             )
-        return _records(data, self.output_mode, whole_image_box=whole)
+        return mask_data_to_records(data, self.output_mode)
+
+    def _decode_points(
+        self, points: np.ndarray, whole: List[int], covered: Optional[List[torch.Tensor]] = None
+    ) -> MaskData:
+        """Decode and filter points (pixels) of the set whole image in batches of points_per_batch,
+        as the standard generator's _process_batch does; ``covered`` as for _filtered_batch."""
+        size = (whole[3], whole[2])
+        if len(points) == 0:
+            device = self.predictor.device
+            return MaskData(
+                rles=[], boxes=torch.zeros(0, 4, dtype=torch.long, device=device), iou_preds=torch.zeros(0, device=device),
+                points=torch.zeros(0, 2, dtype=torch.float64), stability_score=torch.zeros(0, device=device),
+            )
+        data = MaskData()
+        batches = batch_iterator(self.points_per_batch, points)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, total=-(-len(points) // self.points_per_batch), desc="decoding prompts", unit="batch")
+        for (batch,) in batches:
+            data.cat(self._filtered_batch(batch, size, whole, size, covered, self.high_score_thresh))
+        return data
 
     def _dense_points(self, sparse_points: np.ndarray, covered: np.ndarray, iw: int, ih: int) -> np.ndarray:
         """Dense-grid points (pixels, float64, Kx2) around the sparse points on uncovered pixels.
@@ -175,11 +195,3 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
         # prompts (and point_coords) are the same floats.
         return (pts / np.array([[iw, ih]])) * np.array([[iw, ih]])
 
-
-def _union(parts: List[torch.Tensor], size) -> torch.Tensor:
-    if not parts:
-        return torch.zeros(size, dtype=torch.bool)
-    out = parts[0].clone()
-    for p in parts[1:]:
-        out |= p
-    return out

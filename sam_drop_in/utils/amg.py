@@ -391,7 +391,7 @@ def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> Tup
     """
     if mode not in ("holes", "islands"):
         raise InputError(f"mode must be 'holes' or 'islands', got {mode!r}.")
-    cv2 = _import_cv2()
+    cv2 = require_opencv()
     fill_holes = mode == "holes"
     working = (fill_holes ^ mask).astype(np.uint8)
     n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(working, 8)
@@ -421,7 +421,7 @@ def coco_encode_rle(uncompressed_rle: Dict[str, Any]) -> Dict[str, Any]:
     Returns:
       (dict): {"size": [H, W], "counts": str}, JSON-serialisable.
     """
-    mask_utils = _import_pycocotools()
+    mask_utils = require_pycocotools()
     h, w = uncompressed_rle["size"]
     rle = mask_utils.frPyObjects(uncompressed_rle, h, w)
     rle["counts"] = rle["counts"].decode("utf-8")
@@ -454,7 +454,93 @@ def batched_mask_to_box(masks: torch.Tensor) -> torch.Tensor:
     return out.reshape(*lead_shape, 4)
 
 
-def _import_cv2() -> Any:
+def box_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Non-maximum suppression of boxes, all in one category, as the mask generators run it.
+
+    The category tensor is made on the boxes' device (segment_anything 1.0 made it on the CPU,
+    which fails for CUDA boxes; fixed upstream later).
+
+    Arguments:
+      boxes (torch.Tensor): Nx4 XYXY boxes, any numeric dtype (compared as float32).
+      scores (torch.Tensor): N scores; higher wins.
+      iou_threshold (float): boxes overlapping a kept box with IoU above this are dropped.
+
+    Returns:
+      (torch.Tensor): int64 indices of the kept boxes, by decreasing score.
+    """
+    from torchvision.ops.boxes import batched_nms  # type: ignore
+
+    categories = torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
+    return batched_nms(boxes.float(), scores.to(boxes.device), categories, iou_threshold=iou_threshold)
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _xyxy_to_xywh_lists(boxes: np.ndarray) -> List[List[Any]]:
+    out = np.array(boxes, copy=True)
+    out[:, 2:] -= out[:, :2]
+    return out.tolist()
+
+
+def mask_data_to_records(mask_data: MaskData, output_mode: str) -> List[Dict[str, Any]]:
+    """The records ``SamAutomaticMaskGenerator.generate`` returns, from its final MaskData.
+
+    Python types follow the stored dtypes exactly as segment_anything's per-record ``tolist()`` /
+    ``item()`` do: int64 boxes give int coordinates, float32 boxes (upstream's dtype after a
+    batch or crop kept no mask) give float coordinates.
+
+    Arguments:
+      mask_data (MaskData): with 'rles' (list of uncompressed RLE), 'boxes' (Nx4 XYXY),
+        'iou_preds' (N), 'points' (Nx2, x y pixels), 'stability_score' (N) and 'crop_boxes'
+        (Nx4 XYXY); numpy arrays or torch tensors.
+      output_mode (str): 'binary_mask' (HxW bool arrays), 'uncompressed_rle' (the RLE dicts
+        themselves) or 'coco_rle' (pycocotools' compressed RLE, needs pycocotools).
+
+    Returns:
+      (list(dict)): one dict per mask with segmentation, area (int), bbox (XYWH list),
+        predicted_iou (float), point_coords ([[x, y]]), stability_score (float), crop_box
+        (XYWH list).
+    """
+    rles = mask_data["rles"]
+    n = len(rles)
+    if n == 0:
+        return []
+    if output_mode == "coco_rle":
+        segmentations = [coco_encode_rle(rle) for rle in rles]
+    elif output_mode == "binary_mask":
+        segmentations = [rle_to_mask(rle) for rle in rles]
+    else:
+        segmentations = rles
+    # One tolist() per column instead of one per record: the same Python types, far fewer calls.
+    bboxes = _xyxy_to_xywh_lists(_as_numpy(mask_data["boxes"]))
+    crop_boxes = _xyxy_to_xywh_lists(_as_numpy(mask_data["crop_boxes"]))
+    ious = _as_numpy(mask_data["iou_preds"]).tolist()
+    stabilities = _as_numpy(mask_data["stability_score"]).tolist()
+    points = _as_numpy(mask_data["points"]).tolist()
+    return [
+        {
+            "segmentation": segmentations[i],
+            "area": area_from_rle(rles[i]),
+            "bbox": bboxes[i],
+            "predicted_iou": ious[i],
+            "point_coords": [points[i]],
+            "stability_score": stabilities[i],
+            "crop_box": crop_boxes[i],
+        }
+        for i in range(n)
+    ]
+
+
+def require_opencv() -> Any:
+    """Import OpenCV (needed by remove_small_regions), or say how to install it.
+
+    Returns:
+      (module): cv2.
+    """
     try:
         import cv2  # type: ignore
     except ImportError as e:
@@ -465,7 +551,12 @@ def _import_cv2() -> Any:
     return cv2
 
 
-def _import_pycocotools() -> Any:
+def require_pycocotools() -> Any:
+    """Import pycocotools' mask module (needed by coco_encode_rle), or say how to install it.
+
+    Returns:
+      (module): pycocotools.mask.
+    """
     try:
         from pycocotools import mask as mask_utils  # type: ignore
     except ImportError as e:
