@@ -4,6 +4,9 @@ Every function here returns what ``segment_anything.utils.amg`` returns for the 
 (same values, dtypes and container types), so code that imports these helpers directly keeps
 working. Where upstream loops in Python over masks or RLE counts, these versions work on whole
 batches at once, and :meth:`MaskData.cat` no longer deep-copies what it concatenates.
+
+Additions (not in upstream's module), used by both mask generators: :func:`box_nms`,
+:func:`mask_data_to_records`, :func:`require_opencv`, :func:`require_pycocotools`.
 """
 
 import math
