@@ -21,8 +21,10 @@ logits, and ``get_image_embedding()`` is float32. The reduced precision lives in
 encoder and the mask decoder; the prompt encoder (under 0.1% of the work) stays float32.
 """
 
+import inspect
+import threading
 import warnings
-from typing import Any, Dict, Tuple
+from typing import Any, List
 
 import torch
 from torch import nn
@@ -100,10 +102,7 @@ def optimize(model: nn.Module, mode: str = "fp32", compile: bool = False) -> nn.
             stacklevel=2,
         )
     if mode in _DTYPES:
-        dtype = _DTYPES[mode]
-        for part in (model.image_encoder, model.mask_decoder):
-            part.to(dtype)
-            _cast_at_boundary(part, dtype)
+        _reduce_precision(model, _DTYPES[mode])
     elif mode == "int8":
         from torch.ao.quantization import quantize_dynamic
 
@@ -112,6 +111,7 @@ def optimize(model: nn.Module, mode: str = "fp32", compile: bool = False) -> nn.
             # weights into (pytorch#184982); it still works, and its successor (torchao) is not
             # a dependency of this package. The deprecation is stated in docs/speed.md.
             warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated.*")
+            warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated", category=DeprecationWarning)
             for name in ("image_encoder", "mask_decoder"):
                 quantize_dynamic(getattr(model, name), {nn.Linear}, dtype=torch.qint8, inplace=True)
     if compile:
@@ -121,26 +121,108 @@ def optimize(model: nn.Module, mode: str = "fp32", compile: bool = False) -> nn.
     return model
 
 
+def _reduce_precision(model: nn.Module, dtype: torch.dtype) -> None:
+    """The bf16/fp16 modes without optimize()'s device checks: the image encoder and mask decoder
+    hold ``dtype`` weights, and every entry point of them takes and returns float32.
+
+    Tests call this directly to run the fp16 path on CPU (slow there, but correct), which the
+    public ``optimize`` refuses because it is no use to anyone off CUDA.
+    """
+    for part in (model.image_encoder, model.mask_decoder):
+        part.to(dtype)
+        _cast_at_boundary(part, dtype)
+
+
 def _cast(x: Any, dtype: torch.dtype) -> Any:
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
+    """``x`` with every floating tensor in it cast to ``dtype``: tensors, and tuples (named ones
+    too, e.g. the decoder's ImageSide), lists and dicts of them, recursively. Anything else is
+    returned as it is."""
+    if isinstance(x, torch.Tensor):
+        if not x.is_floating_point() or x.dtype == dtype:
+            return x
         if x.ndim > 0 and x.shape[0] > 1 and x.stride(0) == 0:
             # A batch-expanded view (the shared 'no mask' embedding): cast one copy and expand
             # again, so the decoder still sees it as shared and computes the image side once.
             return x[:1].to(dtype).expand(x.shape)
         return x.to(dtype)
-    if isinstance(x, (tuple, list)):
+    if isinstance(x, tuple):
+        items = [_cast(v, dtype) for v in x]
+        # A NamedTuple's constructor takes its fields as separate arguments, a plain tuple one iterable.
+        return type(x)(*items) if hasattr(type(x), "_fields") else type(x)(items)
+    if isinstance(x, list):
         return type(x)(_cast(v, dtype) for v in x)
+    if isinstance(x, dict):
+        return type(x)((k, _cast(v, dtype)) for k, v in x.items())
     return x
 
 
-def _cast_at_boundary(module: nn.Module, dtype: torch.dtype) -> None:
-    """Inputs cast to ``dtype`` on the way in, floating outputs back to float32 on the way out."""
+# The reduced-precision parts (image encoder, mask decoder) whose code is running on this
+# thread, by id: a call into a part from inside the same part is internal and passes through.
+_RUNNING = threading.local()
 
-    def pre(_module: nn.Module, args: Tuple, kwargs: Dict) -> Tuple[Tuple, Dict]:
-        return _cast(args, dtype), {k: _cast(v, dtype) for k, v in kwargs.items()}
 
-    def post(_module: nn.Module, _args: Tuple, _kwargs: Dict, output: Any) -> Any:
-        return _cast(output, torch.float32)
+class _Boundary:
+    """Stands in for one method of a module inside a reduced-precision part (the image encoder
+    or the mask decoder): a call from outside the part gets its floating inputs cast to the
+    part's dtype and its floating outputs cast to float32; a call made by the part's own code,
+    already in the part's dtype, runs unchanged (its results feed more reduced-precision work).
 
-    module.register_forward_pre_hook(pre, with_kwargs=True)
-    module.register_forward_hook(post, with_kwargs=True)
+    A plain object rather than a closure, so that a model survives ``copy.deepcopy`` (the copy's
+    boundaries point at the copy) and pickling.
+    """
+
+    def __init__(self, module: nn.Module, name: str, part: nn.Module, dtype: torch.dtype) -> None:
+        self.module, self.name, self.part, self.dtype = module, name, part, dtype
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(type(self.module), self.name)
+        running = getattr(_RUNNING, "parts", None)
+        if running is None:
+            running = _RUNNING.parts = set()
+        key = id(self.part)
+        if key in running:
+            return method(self.module, *args, **kwargs)
+        running.add(key)
+        try:
+            out = method(self.module, *_cast(args, self.dtype), **_cast(kwargs, self.dtype))
+        finally:
+            running.discard(key)
+        return _cast(out, torch.float32)
+
+
+def entry_points(module: nn.Module) -> List[str]:
+    """The methods of ``module`` that reduced precision puts a float32 boundary on: ``forward``
+    (when the module has one) and every public method that its classes below PyTorch's own
+    define (``prepare_image``, ``decode_tokens``, ``mask_logits``, ... of the mask decoder).
+    Methods that ``nn.Module`` itself has (``train``, ``state_dict``, ...) are left alone.
+
+    Arguments:
+      module (nn.Module): any module inside an image encoder or mask decoder.
+
+    Returns:
+      (list of str): method names, sorted.
+    """
+    names = set()
+    if type(module).forward is not nn.Module.forward:
+        names.add("forward")
+    for cls in type(module).__mro__:
+        if cls.__module__.split(".")[0] == "torch" or cls is object:
+            break  # PyTorch's own classes (nn.Linear, nn.Sequential, ...): only their forward
+        for name, value in vars(cls).items():
+            if inspect.isfunction(value) and not name.startswith("_") and not hasattr(nn.Module, name):
+                names.add(name)
+    return sorted(names)
+
+
+def _cast_at_boundary(part: nn.Module, dtype: torch.dtype) -> None:
+    """Puts a :class:`_Boundary` on every entry point of every module in ``part``.
+
+    Any module's methods, not only the part's ``forward``: callers use the decoder's per-image
+    work (``prepare_image``), its two halves (``decode_tokens``, ``mask_logits``) and its heads
+    (``iou_prediction_head``) directly, and a fast path moved into a module of its own is
+    covered the moment it is a method or a submodule, with no list here to keep up to date.
+    """
+    for module in part.modules():
+        for name in entry_points(module):
+            # Instance attributes shadow the class's methods; nn.Module calls self.forward.
+            module.__dict__[name] = _Boundary(module, name, part, dtype)
