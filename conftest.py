@@ -1,0 +1,46 @@
+"""Options shared by compat_tests/ and tests/.
+
+``--device`` (default: the environment variable SAM_DROP_IN_TEST_DEVICE, else ``cpu``) chooses
+where the tests that take the ``device`` fixture run: the precision, parity and AMG tests.
+``benchmarks/gpu_check.py`` runs them with ``--device cuda`` when an accelerator is available;
+everything else runs on the CPU whatever the option says.
+"""
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default=os.environ.get("SAM_DROP_IN_TEST_DEVICE", "cpu"),
+        help="torch device for the precision, parity and AMG tests (cpu, cuda, cuda:1); default cpu",
+    )
+
+
+def pytest_configure(config):
+    name = config.getoption("--device")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise pytest.UsageError(f"--device {name!r} is not a torch device ({err}); use cpu or cuda.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise pytest.UsageError(
+                f"--device {name} was asked for but this torch has no usable CUDA device "
+                f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); run on the CPU instead."
+            )
+        # The parity tolerances are float32's: TF32 matrix products (cuDNN's default for
+        # convolutions) round inputs to 10 mantissa bits and would exceed them.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    elif device.type != "cpu":
+        raise pytest.UsageError(f"--device {name}: only cpu and cuda are supported by the test suite.")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The torch device chosen with --device (cpu unless asked otherwise)."""
+    return torch.device(request.config.getoption("--device"))
