@@ -49,13 +49,19 @@ def _points(batch, n, seed=0):
 
 
 @pytest.mark.parametrize("batch,n_points", [(1, 1), (5, 3), (3, 20)])
-def test_decoder_matches_upstream(pair, batch, n_points):
+def test_decoder_matches_upstream(pair, batch, n_points, monkeypatch):
     """1 prompt; a batch decoded in groups (PROMPT_CHUNK); 20 points, where image->token
     attention has too many tokens for the block-diagonal form and takes the plain one."""
     ours, ref = pair
     points = _points(batch, n_points)
-    assert 8 * (n_points + 6) > 128 or n_points < 10  # the 20-point case really is the plain path
+    queries = []  # query count of every plain attention call
+    plain = transformer_module.Attention.attend_projected
+    monkeypatch.setattr(transformer_module.Attention, "attend_projected",
+                        lambda self, q, k, v: queries.append(q.shape[1]) or plain(self, q, k, v))
     _assert_decodes_match(_decode(ours, points=points), _decode(ref, points=points))
+    # Image->token attention has the 64x64 image tokens as queries: it went the plain way in the
+    # 20-point case only (8 heads x 26 tokens > 128 channels), the block-diagonal way otherwise.
+    assert (64 * 64 in queries) == (n_points == 20), queries
 
 
 def test_decoder_with_mask_inputs_matches_upstream(pair):
@@ -99,6 +105,9 @@ def test_upscaling_as_matrix_products_equals_the_modules(pair, monkeypatch):
     fast = _decode(ours, points=points)
     monkeypatch.setattr(mask_decoder_module.MaskDecoder, "_upscaling_is_standard", lambda self: False)
     plain = _decode(ours, points=points)
+    # Contract: the matrix-product form sums each output over 2x2 taps x channels in another
+    # order than the convolution kernel (float32 round-off, values O(1)): 1e-5. The IoU head
+    # does not see the upscaling: the same kernels on the same inputs, bit for bit.
     torch.testing.assert_close(fast[0], plain[0], rtol=0, atol=1e-5)
     assert torch.equal(fast[1], plain[1])
 
@@ -156,7 +165,8 @@ PROMPT = dict(point_coords=np.array([[300.0, 200.0]]), point_labels=np.array([1]
 def _check_against_uncached(p):
     _, iou, low = p.predict(**PROMPT)
     low_u, iou_u = _uncached(p, **PROMPT)
-    # Same operations on the same tensors: bit-for-bit, cached or not.
+    # Same operations on the same tensors and shapes (the cache only keeps prepare_image's
+    # result, which the uncached call computes the same way): bit-for-bit, cached or not.
     np.testing.assert_array_equal(low, low_u)
     np.testing.assert_array_equal(iou, iou_u)
     return low
@@ -235,6 +245,12 @@ def _postprocess_everything(masks, input_size, original_size):
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_postprocess_is_bit_identical_to_upsampling_everything(pair, channels):
+    """Contract: exact. Bilinear resizing has no reduction: every output value is w0 * a + w1 * b
+    per axis from two source values whose positions and weights depend only on the scale factor
+    and the output index, which the crop-first path keeps the same; and it keeps whole blocks of
+    16 output values, so each value comes out of the same vector or scalar code as before (the
+    vector widths, 4/8/16 floats for NEON/AVX2/AVX-512, divide 16). Checked here with
+    ATEN_CPU_CAPABILITY=avx2 and =default as well as AVX-512, 1 and 2 threads."""
     ours, _ = pair
     x = torch.randn(2, channels, 256, 256, generator=torch.Generator().manual_seed(11))
     sides = [1, 2, 5, 17, 255, 256, 341, 512, 683, 768, 1000, 1021, 1023, 1024]
