@@ -78,13 +78,20 @@ def test_bad_format_keeps_state(predictor, image):
     _assert_unchanged(predictor, before)
 
 
-def test_encoder_failure_keeps_state(predictor, image, monkeypatch):
+def test_encoder_failure_keeps_state(image):
+    # Its own model, and the child module swapped and restored by hand: monkeypatch.setattr on
+    # an nn.Module child deletes it on undo (pytest 9 sees it as absent from __dict__), which
+    # would break every later test sharing the model.
+    predictor = sam_drop_in.SamPredictor(small_sam("sam_drop_in"))
+    predictor.set_image(image)
     before = _snapshot(predictor)
-
-    monkeypatch.setattr(predictor.model, "image_encoder", _Failing(predictor.model.image_encoder))
-    with pytest.raises(RuntimeError, match="simulated"):
-        predictor.set_image(image[:100])
-    monkeypatch.undo()
+    encoder = predictor.model.image_encoder
+    predictor.model.image_encoder = _Failing(encoder)
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            predictor.set_image(image[:100])
+    finally:
+        predictor.model.image_encoder = encoder
     _assert_unchanged(predictor, before)
 
 
