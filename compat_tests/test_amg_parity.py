@@ -62,14 +62,14 @@ def _photo(name: str, size) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def models():
+def models(device):
     ref = small_sam("segment_anything")
     sd = _amg_state_dict(ref.state_dict())
     ref.load_state_dict(sd)
     ours = small_sam("sam_drop_in")
     ours.load_state_dict(sd)
     for m in (ref, ours):
-        m.eval()
+        m.to(device).eval()  # --device (benchmarks/gpu_check.py); cpu by default
         m.mask_threshold = MASK_THRESHOLD
     return ref, ours
 
@@ -211,7 +211,7 @@ def test_no_surviving_mask_with_crops_returns_empty_list(models, coffee):
     assert gen.generate(coffee) == []
 
 
-def test_vit_t_matches_mobile_sam():
+def test_vit_t_matches_mobile_sam(device):
     mobile_sam = pytest.importorskip("mobile_sam")
     ref = mobile_sam.sam_model_registry["vit_t"]()
     sd = _amg_state_dict(ref.state_dict())
@@ -221,6 +221,7 @@ def test_vit_t_matches_mobile_sam():
     ours.load_state_dict(sd)
     ours.eval()
     for m in (ref, ours):
+        m.to(device)
         m.mask_threshold = MASK_THRESHOLD
     image = _photo("astronaut", (192, 192))
     kw = dict(MANY, points_per_side=8)

@@ -79,14 +79,14 @@ def compare_predictors(ours, ref, image):
 
 
 @pytest.fixture(scope="module")
-def vit_t_pair():
+def vit_t_pair(device):
     ref = mobile_sam.sam_model_registry["vit_t"]()
     sd = perturbed_state_dict(ref.state_dict(), seed=3)
     ref.load_state_dict(sd)
     ref.eval()  # MobileSAM's attention-bias cache is stale until eval() runs again after loading
     ours = sam_drop_in.sam_model_registry["vit_t"]()
     ours.load_state_dict(sd, strict=True)  # and ours needs no second eval()
-    return ours, ref, sd
+    return ours.to(device), ref.to(device), sd  # --device (benchmarks/gpu_check.py); cpu by default
 
 
 @pytest.mark.parametrize("name", list(IMAGES))
@@ -111,6 +111,7 @@ def test_vit_t_batched_prompts_match(vit_t_pair):
         args = {k: (po.transform.apply_coords_torch(v, image.shape[:2]) if k == "point_coords" and v is not None
                     else po.transform.apply_boxes_torch(v, image.shape[:2]) if k == "boxes" else v)
                 for k, v in kw.items()}
+        args = {k: v.to(po.device) if v is not None else v for k, v in args.items()}
         lo_o, iou_o, low_o = po.predict_torch(**args, return_logits=True)
         lo_r, iou_r, low_r = pr.predict_torch(**args, return_logits=True)
         torch.testing.assert_close(iou_o, iou_r, rtol=0, atol=IOU_ATOL)
@@ -126,7 +127,9 @@ def test_vit_t_right_without_second_eval(vit_t_pair):
     ref_stale.load_state_dict(sd)
     ours = sam_drop_in.sam_model_registry["vit_t"]()
     ours.load_state_dict(sd)
-    x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
+    device = ours_loaded.device
+    ours, ref_stale = ours.to(device), ref_stale.to(device)
+    x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         e_ours, e_fixed, e_stale = ours.image_encoder(x), ref_fixed.image_encoder(x), ref_stale.image_encoder(x)
     torch.testing.assert_close(e_ours, e_fixed, rtol=0, atol=EMB_ATOL)
@@ -136,15 +139,16 @@ def test_vit_t_right_without_second_eval(vit_t_pair):
 
 def test_vit_t_batched_model_forward(vit_t_pair):
     ours, ref, _ = vit_t_pair
+    dev = ours.device
     t = sam_drop_in.utils.transforms.ResizeLongestSide(1024)
     batch = []
     for name in ("square_512", "wide_400x600"):
         img = IMAGES[name]
         batch.append({
-            "image": torch.as_tensor(t.apply_image(img)).permute(2, 0, 1).float(),
+            "image": torch.as_tensor(t.apply_image(img)).permute(2, 0, 1).float().to(dev),
             "original_size": img.shape[:2],
-            "point_coords": t.apply_coords_torch(torch.tensor([[[100.0, 120.0]]]), img.shape[:2]),
-            "point_labels": torch.ones(1, 1, dtype=torch.int),
+            "point_coords": t.apply_coords_torch(torch.tensor([[[100.0, 120.0]]]), img.shape[:2]).to(dev),
+            "point_labels": torch.ones(1, 1, dtype=torch.int, device=dev),
         })
     out_o, out_r = ours(batch, multimask_output=True), ref(batch, multimask_output=True)
     for a, b in zip(out_o, out_r):
@@ -152,12 +156,13 @@ def test_vit_t_batched_model_forward(vit_t_pair):
         torch.testing.assert_close(a["low_res_logits"], b["low_res_logits"], rtol=0, atol=LOGIT_ATOL)
 
 
-def test_vit_b_matches_segment_anything():
+def test_vit_b_matches_segment_anything(device):
     ref = segment_anything.sam_model_registry["vit_b"]()
     sd = perturbed_state_dict(ref.state_dict(), seed=4)
     ref.load_state_dict(sd)
     ours = sam_drop_in.sam_model_registry["vit_b"]()
     ours.load_state_dict(sd, strict=True)
+    ours, ref = ours.to(device), ref.to(device)
     compare_predictors(sam_drop_in.SamPredictor(ours), segment_anything.SamPredictor(ref), IMAGES["wide_400x600"])
 
 
