@@ -475,46 +475,11 @@ class SamAutomaticMaskGenerator:
           (torch.Tensor): their K predicted IoUs.
           (torch.Tensor): Bx3 bool, which masks pass.
         """
-        from .modeling.transformer import PROMPT_CHUNK
-        from .predictor import _decoder_takes_image_side
-
         predictor = self.predictor
-        model = predictor.model
-        decoder = model.mask_decoder
         transformed = predictor.transform.apply_coords(points, im_size)
         in_points = torch.as_tensor(transformed, device=predictor.device)
         in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=in_points.device)
-        sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None)
-        if not _decoder_takes_image_side(decoder):
-            low_res, iou = decoder(
-                image_embeddings=predictor.features,
-                image_pe=model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=True,
-            )
-            keep = iou > self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
-            return low_res[keep], iou[keep], keep
-        image_pe, image_side = predictor._decoder_image_side()
-        # A few prompts at a time, each group's image tokens (4 MB per prompt) upscaled or
-        # dropped right away instead of gathering a whole batch's.
-        lows, ious, keeps = [], [], []
-        for i in range(0, sparse.shape[0], PROMPT_CHUNK):
-            tokens, image_tokens, (h, w) = decoder.decode_tokens(
-                predictor.features, image_pe, sparse[i : i + PROMPT_CHUNK], dense[i : i + PROMPT_CHUNK],
-                image_side=image_side,
-            )
-            iou = decoder.iou_prediction_head(tokens[:, 0, :])[:, 1:]  # multimask: tokens 1..3
-            keep = iou > self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
-            prompts = keep.any(dim=1)
-            if bool(prompts.all()):
-                lows.append(decoder.mask_logits(tokens, image_tokens, h, w)[:, 1:][keep])
-            elif bool(prompts.any()):
-                lows.append(decoder.mask_logits(tokens[prompts], image_tokens[prompts], h, w)[:, 1:][keep[prompts]])
-            ious.append(iou[keep])
-            keeps.append(keep)
-        low_res = torch.cat(lows) if lows else sparse.new_zeros(0, 4 * h, 4 * w)
-        return low_res, torch.cat(ious), torch.cat(keeps)
+        return predictor.image_decoder().decode_filtered(in_points[:, None, :], in_labels[:, None], self.pred_iou_thresh)
 
     @staticmethod
     def postprocess_small_regions(mask_data: MaskData, min_area: int, nms_thresh: float) -> MaskData:

@@ -98,10 +98,4 @@ def set_embedding(predictor, embedding: ImageEmbedding) -> None:
     feats = embedding.features
     if not (isinstance(feats, torch.Tensor) and feats.ndim == 4 and feats.shape[0] == 1):
         raise InputError(f"embedding.features must be a 1xCxHxW tensor, got shape {tuple(getattr(feats, 'shape', ()))}.")
-    predictor.reset_image()
-    predictor.features = feats.to(predictor.device)
-    predictor.original_size = tuple(embedding.original_size)
-    predictor.input_size = tuple(embedding.input_size)
-    predictor.orig_h, predictor.orig_w = predictor.original_size
-    predictor.input_h, predictor.input_w = predictor.input_size
-    predictor.is_image_set = True
+    predictor.set_embedding(feats.to(predictor.device), embedding.original_size, embedding.input_size)

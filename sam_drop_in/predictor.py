@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 from ._errors import InputError, PromptShapeError
-from ._locking import LockedState, serialised
+from ._locking import serialised
+from ._predictor_state import PredictorState
 from ._validation import (
     LABELS_HELP,
     check_box,
@@ -16,12 +17,12 @@ from ._validation import (
     check_resizable,
     to_float32,
 )
-from .modeling import MaskDecoder, Sam, TwoWayTransformer
-from .modeling.transformer import ImageSide
+from .modeling import Sam
+from .modeling.image_decoder import ImageDecoder
 from .utils.transforms import ResizeLongestSide
 
 
-class SamPredictor(LockedState):
+class SamPredictor(PredictorState):
     def __init__(self, sam_model: Sam) -> None:
         """
         Computes the image embedding of an image once, then predicts masks for any number of
@@ -94,13 +95,7 @@ class SamPredictor(LockedState):
         # Compute first, then commit: a failure leaves the previous image set.
         input_image = self.model.preprocess(transformed_image)
         features = self.model.image_encoder(input_image)
-        self.reset_image()
-        self.original_size = tuple(int(s) for s in original_image_size)
-        self.input_size = tuple(int(s) for s in transformed_image.shape[-2:])
-        self.orig_h, self.orig_w = self.original_size
-        self.input_h, self.input_w = self.input_size
-        self.features = features
-        self.is_image_set = True
+        self.set_embedding(features, original_image_size, transformed_image.shape[-2:])
 
     @serialised
     def predict(
@@ -186,58 +181,30 @@ class SamPredictor(LockedState):
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
         _check_torch_prompts(point_coords, point_labels, boxes, mask_input)
-        points = (point_coords, point_labels) if point_coords is not None else None
-        sparse_embeddings, dense_embeddings = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        extra = {}
-        if mask_input is None and _decoder_takes_image_side(self.model.mask_decoder):
-            image_pe, extra["image_side"] = self._decoder_image_side()
-        else:
-            image_pe = self.model.prompt_encoder.get_dense_pe()
-        low_res_masks, iou_predictions = self.model.mask_decoder(
-            image_embeddings=self.features,
-            image_pe=image_pe,
-            sparse_prompt_embeddings=sparse_embeddings,
-            dense_prompt_embeddings=dense_embeddings,
-            multimask_output=multimask_output,
-            **extra,
+        low_res_masks, iou_predictions = self.image_decoder().decode(
+            point_coords, point_labels, boxes, mask_input, multimask_output
         )
         masks = self.model.postprocess_masks(low_res_masks, self.input_size, self.original_size)
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, iou_predictions, low_res_masks
 
-    def _decoder_image_side(self) -> Tuple[torch.Tensor, ImageSide]:
-        """The positional encoding and the decoder's prompt-independent work for the set image
-        (prompts without mask input), computed on the first predict and kept while the image,
-        the prompt encoder's and the decoder's weights are unchanged (interactive clicking on one
-        image pays for it once)."""
-        prompt_encoder, decoder = self.model.prompt_encoder, self.model.mask_decoder
-        # The features tensor and the modules themselves are kept with the key and compared by
-        # identity: assigning predictor.features directly (precomputed embeddings) or replacing
-        # layers (quantisation) makes a new entry, and nothing compared can be freed and its
-        # address reused meanwhile. Tensors are compared by address and in-place version.
-        objects = (self.features, *prompt_encoder.modules(), *decoder.modules())
-        versions = _tensors_key([self.features, *prompt_encoder.parameters(), *prompt_encoder.buffers(),
-                                 *decoder.parameters(), *decoder.buffers()])
-        cached = self._image_side
-        if (
-            cached is None
-            or len(cached[0][0]) != len(objects)
-            or any(a is not b for a, b in zip(cached[0][0], objects))
-            or cached[0][1] != versions
-        ):
-            key = (objects, versions)
-            image_pe = prompt_encoder.get_dense_pe()
-            _, dense = prompt_encoder(points=None, boxes=None, masks=None)
-            self._image_side = (key, image_pe, decoder.prepare_image(self.features, image_pe, dense))
-        return self._image_side[1], self._image_side[2]
-
     @serialised
-    def get_image_embedding(self) -> torch.Tensor:
-        """The embedding of the set image, 1xCxHxW (C = 256, H = W = 64 for SAM)."""
+    def image_decoder(self) -> ImageDecoder:
+        """
+        The prompt encoder and mask decoder bound to the set image: the entry point that
+        ``predict_torch`` and the mask generators decode prompts with. Kept between calls while
+        the embedding and the weights are unchanged (``ImageDecoder.is_current``), so the decoder's
+        per-image work is paid once per image, also when ``features`` is assigned directly.
+
+        Returns:
+          (ImageDecoder): see sam_drop_in.modeling.image_decoder.
+        """
         if not self.is_image_set:
-            raise RuntimeError("An image must be set with .set_image(...) to generate an embedding.")
-        return self.features
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        if self._image_decoder is None or not self._image_decoder.is_current(self.model, self.features):
+            self._image_decoder = ImageDecoder(self.model, self.features)
+        return self._image_decoder
 
     @property
     def device(self) -> torch.device:
@@ -245,29 +212,9 @@ class SamPredictor(LockedState):
 
     @serialised
     def reset_image(self) -> None:
-        """Forgets the set image and its embedding."""
-        self.is_image_set = False
-        self.features = None
-        self._image_side = None
-        self.orig_h = None
-        self.orig_w = None
-        self.input_h = None
-        self.input_w = None
-
-
-def _decoder_takes_image_side(decoder: torch.nn.Module) -> bool:
-    """Whether ``decoder`` is this package's MaskDecoder and TwoWayTransformer, not overridden."""
-    return (
-        type(decoder).forward is MaskDecoder.forward
-        and type(decoder).predict_masks is MaskDecoder.predict_masks
-        and type(getattr(decoder, "transformer", None)).forward is TwoWayTransformer.forward
-    )
-
-
-def _tensors_key(tensors) -> Tuple:
-    """Identity and in-place-modification count of each tensor: changes when any is replaced,
-    moved, or written in place (optimizer steps, load_state_dict)."""
-    return tuple((t.device, t.data_ptr(), t._version) for t in tensors)
+        """Forgets the set image, its embedding and the decoder's work kept for it."""
+        super().reset_image()
+        self._image_decoder = None
 
 
 def _check_torch_prompts(point_coords, point_labels, boxes, mask_input) -> None:

@@ -1,10 +1,12 @@
 """The mask decoder's fast paths and the predictor's per-image decoder cache.
 
-The decoder computes upstream's mathematics in another arrangement (image-side projections split
-into an image part and a per-image positional part, block-diagonal image->token attention, the
-transposed convolutions as matrix products, prompts in small groups). Each path is compared with
+modeling/_fast_decoder.py computes upstream's mathematics in another arrangement (image-side
+projections split into an image part and a per-image positional part, block-diagonal image->token
+attention, the transposed convolutions as matrix products, prompts in small groups);
+modeling/image_decoder.py keeps its per-image part between predict calls;
+modeling/_fast_postprocess.py upsamples only the kept region. Each path is compared with
 segment_anything's modules on the same weights; tolerances as in compat_tests/test_parity.py
-(IoU 1e-4, logits 1e-3; observed about 1e-6).
+(IoU 1e-4, logits 1e-3; observed about 1e-6), and with this package's own reference path.
 """
 
 import numpy as np
@@ -12,9 +14,9 @@ import pytest
 import torch
 
 import sam_drop_in
+from sam_drop_in._errors import InputError
 from compat_tests.conftest import load_image, perturbed_state_dict, small_sam
-from sam_drop_in.modeling import mask_decoder as mask_decoder_module
-from sam_drop_in.modeling import transformer as transformer_module
+from sam_drop_in.modeling import _fast_decoder
 
 IOU_ATOL, LOGIT_ATOL = 1e-4, 1e-3
 
@@ -55,9 +57,9 @@ def test_decoder_matches_upstream(pair, batch, n_points, monkeypatch):
     ours, ref = pair
     points = _points(batch, n_points)
     queries = []  # query count of every plain attention call
-    plain = transformer_module.Attention.attend_projected
-    monkeypatch.setattr(transformer_module.Attention, "attend_projected",
-                        lambda self, q, k, v: queries.append(q.shape[1]) or plain(self, q, k, v))
+    plain = _fast_decoder._attend_projected
+    monkeypatch.setattr(_fast_decoder, "_attend_projected",
+                        lambda attn, q, k, v: queries.append(q.shape[1]) or plain(attn, q, k, v))
     _assert_decodes_match(_decode(ours, points=points), _decode(ref, points=points))
     # Image->token attention has the 64x64 image tokens as queries: it went the plain way in the
     # 20-point case only (8 heads x 26 tokens > 128 channels), the block-diagonal way otherwise.
@@ -97,27 +99,36 @@ def test_attention_block_forward_matches_upstream(pair, layer, shared_pe):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-4)
 
 
-def test_upscaling_as_matrix_products_equals_the_modules(pair, monkeypatch):
-    """The 2x2 stride-2 transposed convolutions computed as matrix products equal running
-    output_upscaling itself (the path taken when the modules are not the standard ones)."""
+def _decode_reference(model, **kw):
+    """The same decode through the upstream-shaped modules: a forward hook on the transformer
+    makes the decoder take its reference path (as distillation's token capture does)."""
+    handle = model.mask_decoder.transformer.register_forward_hook(lambda *args: None)
+    try:
+        return _decode(model, **kw)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("batch,n_points,with_masks", [(3, 2, False), (3, 20, False), (2, 1, True)])
+def test_fast_path_equals_reference_path(pair, batch, n_points, with_masks):
+    """_fast_decoder (split projections, folded attentions, transposed convolutions as matrix
+    products, prompt groups) against this package's upstream-shaped modules on the same weights.
+    Contract: float32 round-off of differently ordered sums, logits within 1e-5 and IoU within
+    1e-5 (values O(1); observed about 1e-6)."""
     ours, _ = pair
-    points = _points(3, 2, seed=7)
-    fast = _decode(ours, points=points)
-    monkeypatch.setattr(mask_decoder_module.MaskDecoder, "_upscaling_is_standard", lambda self: False)
-    plain = _decode(ours, points=points)
-    # Contract: the matrix-product form sums each output over 2x2 taps x channels in another
-    # order than the convolution kernel (float32 round-off, values O(1)): 1e-5. The IoU head
-    # does not see the upscaling: the same kernels on the same inputs, bit for bit.
+    points = _points(batch, n_points, seed=7)
+    masks = torch.randn(batch, 1, 256, 256, generator=torch.Generator().manual_seed(3)) if with_masks else None
+    fast = _decode(ours, points=points, masks=masks)
+    plain = _decode_reference(ours, points=points, masks=masks)
     torch.testing.assert_close(fast[0], plain[0], rtol=0, atol=1e-5)
-    assert torch.equal(fast[1], plain[1])
+    torch.testing.assert_close(fast[1], plain[1], rtol=0, atol=1e-5)
 
 
 def test_prompt_groups_do_not_change_results(pair, monkeypatch):
     ours, _ = pair
     points = _points(6, 1, seed=8)
     grouped = _decode(ours, points=points)
-    monkeypatch.setattr(transformer_module, "PROMPT_CHUNK", 64)
-    monkeypatch.setattr(mask_decoder_module, "PROMPT_CHUNK", 64)
+    monkeypatch.setattr(_fast_decoder, "PROMPT_CHUNK", 64)
     whole = _decode(ours, points=points)
     torch.testing.assert_close(grouped[0], whole[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(grouped[1], whole[1], rtol=0, atol=1e-6)
@@ -125,7 +136,7 @@ def test_prompt_groups_do_not_change_results(pair, monkeypatch):
 
 def test_transformer_hooks_see_the_whole_batch(pair):
     """Forward hooks on the transformer (distillation, feature capture) fire once per decoder
-    call with every prompt, even though prompts are decoded in groups inside."""
+    call with every prompt: the decoder then takes its reference path, not the grouped one."""
     ours, _ = pair
     seen = []
     handle = ours.mask_decoder.transformer.register_forward_hook(lambda m, a, out: seen.append(out[0].shape))
@@ -174,10 +185,11 @@ def _check_against_uncached(p):
 
 def test_cache_is_exact_and_reused(predictor):
     first = _check_against_uncached(predictor)
-    side = predictor._image_side
+    decoder = predictor.image_decoder()
+    side = decoder._side
     assert side is not None
     second = _check_against_uncached(predictor)
-    assert predictor._image_side is side  # reused, not recomputed
+    assert predictor.image_decoder() is decoder and decoder._side is side  # reused, not recomputed
     np.testing.assert_array_equal(first, second)
 
 
@@ -201,11 +213,11 @@ def test_cache_follows_weight_changes(predictor, change):
 def test_cache_follows_the_image(predictor):
     before = _check_against_uncached(predictor)
     predictor.set_image(load_image("astronaut.jpg"))
-    assert predictor._image_side is None
+    assert predictor._image_decoder is None
     after = _check_against_uncached(predictor)
     assert not np.array_equal(before, after)
     predictor.reset_image()
-    assert predictor._image_side is None
+    assert predictor._image_decoder is None
 
 
 def test_cache_follows_features_assigned_directly(predictor):
@@ -228,9 +240,40 @@ def test_cache_follows_replaced_layers(predictor):
 
 def test_mask_input_bypasses_the_cache(predictor):
     _, _, low = predictor.predict(**PROMPT)
-    side = predictor._image_side
+    decoder = predictor.image_decoder()
+    side = decoder._side
     m, iou, _ = predictor.predict(**PROMPT, mask_input=low[:1])
-    assert predictor._image_side is side and m.shape[0] == 3
+    assert predictor.image_decoder() is decoder and decoder._side is side and m.shape[0] == 3
+
+
+def test_state_assigned_by_hand_predicts_the_same(predictor):
+    """Caption-Anything sets features, original_size, input_size and is_image_set itself on a
+    predictor that never saw the image, then calls predict: same results, bit for bit (same
+    operations on the same tensors)."""
+    expected = predictor.predict(**PROMPT)
+    other = sam_drop_in.SamPredictor(predictor.model)
+    other.features = predictor.features
+    other.original_size = predictor.original_size
+    other.input_size = predictor.input_size
+    other.is_image_set = True
+    for a, b in zip(other.predict(**PROMPT), expected):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_set_embedding_commits_or_changes_nothing(predictor):
+    """SamPredictor.set_embedding: the state of set_image, or a clear error and no change."""
+    features, sizes = predictor.features, (predictor.original_size, predictor.input_size)
+    expected = predictor.predict(**PROMPT)
+    for bad in [dict(features=features[0]), dict(original_size=(400,)), dict(input_size="big")]:
+        args = {**dict(features=features, original_size=sizes[0], input_size=sizes[1]), **bad}
+        with pytest.raises(InputError):
+            predictor.set_embedding(**args)
+        assert predictor.features is features and predictor.is_image_set
+    other = sam_drop_in.SamPredictor(predictor.model)
+    other.set_embedding(features.clone(), *sizes)
+    assert (other.orig_h, other.orig_w, other.input_h, other.input_w) == (*sizes[0], *sizes[1])
+    for a, b in zip(other.predict(**PROMPT), expected):
+        np.testing.assert_array_equal(a, b)
 
 
 # -- postprocess_masks upsamples only the region it keeps --------------------------------------

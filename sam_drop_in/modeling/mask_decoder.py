@@ -1,11 +1,11 @@
-from typing import List, Optional, Tuple, Type
+from typing import List, Tuple, Type
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import LayerNorm2d, activate_, eager_inference
-from .transformer import PROMPT_CHUNK, ImageSide
+from . import _fast_decoder
+from .common import LayerNorm2d
 
 
 class MaskDecoder(nn.Module):
@@ -55,18 +55,16 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
-        *,
-        image_side: Optional[ImageSide] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
+        Predicts masks given image and prompt embeddings.
+
         Arguments:
           image_embeddings (torch.Tensor): 1xCxHxW (shared by all prompts) or BxCxHxW (one per prompt).
           image_pe (torch.Tensor): 1xCxHxW positional encoding of the embedding grid.
           sparse_prompt_embeddings (torch.Tensor): BxNxC point and box embeddings.
           dense_prompt_embeddings (torch.Tensor): BxCxHxW mask embeddings.
           multimask_output (bool): return the 3 ambiguity-aware masks instead of the single one.
-          image_side (ImageSide or None): :meth:`prepare_image` of the same three image inputs,
-            kept by a caller that decodes several batches of prompts on one image.
 
         Returns:
           (torch.Tensor): mask logits Bx(3 or 1)x(4H)x(4W).
@@ -77,32 +75,14 @@ class MaskDecoder(nn.Module):
             image_pe=image_pe,
             sparse_prompt_embeddings=sparse_prompt_embeddings,
             dense_prompt_embeddings=dense_prompt_embeddings,
-            image_side=image_side,
         )
-        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, mask_slice], iou_pred[:, mask_slice]
-
-    def _image_source(self, image_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor) -> torch.Tensor:
-        dense = dense_prompt_embeddings
-        if dense.shape[0] > 1 and dense.stride(0) == 0:
-            # The prompt encoder's 'no mask' embedding is one vector expanded over the batch:
-            # keep it shared so the image side is computed once, not once per prompt.
-            dense = dense[:1]
-        return image_embeddings + dense  # 1xCxHxW when everything is shared, else BxCxHxW
-
-    def prepare_image(
-        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense_prompt_embeddings: torch.Tensor
-    ) -> ImageSide:
-        """
-        The prompt-independent part of decoding, to pass as ``image_side`` for any number of
-        prompt batches on the same image (valid while the weights and these inputs are unchanged).
-
-        Arguments:
-          image_embeddings (torch.Tensor): 1xCxHxW image embedding.
-          image_pe (torch.Tensor): 1xCxHxW positional encoding.
-          dense_prompt_embeddings (torch.Tensor): 1xCxHxW (or stride-0 expanded) dense embedding.
-        """
-        return self.transformer.prepare_image(self._image_source(image_embeddings, dense_prompt_embeddings), image_pe)
+        if multimask_output:
+            mask_slice = slice(1, None)
+        else:
+            mask_slice = slice(0, 1)
+        masks = masks[:, mask_slice, :, :]
+        iou_pred = iou_pred[:, mask_slice]
+        return masks, iou_pred
 
     def predict_masks(
         self,
@@ -110,96 +90,42 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
-        *,
-        image_side: Optional[ImageSide] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """All mask tokens' logits Bx4x(4H)x(4W) and quality scores Bx4."""
-        hs, src, (h, w) = self.decode_tokens(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_side=image_side
-        )
-        iou_pred = self.iou_prediction_head(hs[:, 0, :])
-        return self.mask_logits(hs, src, h, w), iou_pred
-
-    def decode_tokens(
-        self,
-        image_embeddings: torch.Tensor,
-        image_pe: torch.Tensor,
-        sparse_prompt_embeddings: torch.Tensor,
-        dense_prompt_embeddings: torch.Tensor,
-        *,
-        image_side: Optional[ImageSide] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, Tuple[int, int]]:
-        """
-        The two-way transformer's outputs, before any mask is upscaled.
-
-        Returns:
-          (torch.Tensor): output tokens BxTxC (token 0 feeds ``iou_prediction_head``, tokens 1..4
-            the hypernetworks).
-          (torch.Tensor): image tokens BxHWxC.
-          (tuple(int, int)): the embedding grid (H, W).
-        """
+        """Every mask token's logits Bx4x(4H)x(4W) and quality scores Bx4; see ``forward``."""
         b = sparse_prompt_embeddings.shape[0]
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings), dim=1)
-
         if image_embeddings.shape[0] not in (1, b):
             raise ValueError(
                 f"image_embeddings has batch {image_embeddings.shape[0]} but there are {b} prompts; "
                 "give one embedding shared by all prompts or one per prompt."
             )
-        src = self._image_source(image_embeddings, dense_prompt_embeddings)
-        hs, keys = self.transformer(src, image_pe, tokens, image_side=image_side)
-        return hs, keys, (src.shape[2], src.shape[3])
+        if _fast_decoder.applies(self):  # eager inference on standard modules: same maths, faster
+            return _fast_decoder.predict_masks(
+                self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            )
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.unsqueeze(0).expand(b, -1, -1)
+        tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
 
-    def mask_logits(self, hs: torch.Tensor, keys: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """
-        Bx4x(4H)x(4W) mask logits from the transformer's output tokens ``hs`` (BxTxC) and image
-        tokens ``keys`` (BxHWxC).
-        """
+        # One image embedding per prompt (upstream copies a shared one; ours also takes B of them).
+        src = image_embeddings if image_embeddings.shape[0] == b else torch.repeat_interleave(image_embeddings, b, dim=0)
+        src = src + dense_prompt_embeddings
+        pos_src = torch.repeat_interleave(image_pe, b, dim=0)
+        b, c, h, w = src.shape
+
+        hs, src = self.transformer(src, pos_src, tokens)
+        iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : (1 + self.num_mask_tokens), :]
+
+        src = src.transpose(1, 2).reshape(b, c, h, w)
+        upscaled_embedding = self.output_upscaling(src)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
-        if not self._upscaling_is_standard():
-            upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(keys.shape[0], -1, h, w))
-            _, c_up, h_up, w_up = upscaled.shape
-            return (hyper_in @ upscaled.view(-1, c_up, h_up * w_up)).view(-1, hyper_in.shape[1], h_up, w_up)
-        step = PROMPT_CHUNK if eager_inference() else max(keys.shape[0], 1)
-        return torch.cat([
-            self._upscaled_logits(keys[i : i + step], hyper_in[i : i + step], h, w)
-            for i in range(0, max(keys.shape[0], 1), step)  # one (empty) group when there are no prompts
-        ])
+        b, c, h, w = upscaled_embedding.shape
+        masks = (hyper_in @ upscaled_embedding.view(b, c, h * w)).view(b, -1, h, w)
 
-    def _upscaling_is_standard(self) -> bool:
-        mods = list(self.output_upscaling)
-        if len(mods) != 5 or not isinstance(mods[1], LayerNorm2d):
-            return False
-        convs = (mods[0], mods[3])
-        return all(
-            type(c) is nn.ConvTranspose2d and c.kernel_size == (2, 2) and c.stride == (2, 2)
-            and c.padding == (0, 0) and c.output_padding == (0, 0) and c.dilation == (1, 1)
-            and c.groups == 1 and c.bias is not None
-            for c in convs
-        )
-
-    def _upscaled_logits(self, keys: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        # A 2x2 stride-2 transposed convolution writes each input pixel's 2x2 output block and
-        # nothing else, so it is one matrix product per pixel: channels-last input rows times a
-        # C_in x (2*2*C_out) matrix. Both upscaling steps run that way on the image tokens as
-        # they come out of the transformer (no transposes), the LayerNorm over the last axis; the
-        # sub-pixel blocks are put in place once, on the small final logits.
-        conv1, norm, act1, conv2, act2 = self.output_upscaling
-        b = keys.shape[0]
-        c1, c2 = conv1.out_channels, conv2.out_channels
-        w1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.in_channels, 4 * c1)  # cin x (di, dj, cout)
-        x = torch.matmul(keys, w1).view(b, h * w * 4, c1).add_(conv1.bias)
-        x = activate_(act1, nn.functional.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
-        w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
-        x = activate_(act2, torch.matmul(x, w2).view(b, h * w * 16, c2).add_(conv2.bias))
-        logits = torch.matmul(x, hyper_in.transpose(1, 2))  # B x (h, w, di, dj, di2, dj2) x K
-        k = hyper_in.shape[1]
-        logits = logits.view(b, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)
-        return logits.reshape(b, k, 4 * h, 4 * w)
+        iou_pred = self.iou_prediction_head(iou_token_out)
+        return masks, iou_pred
 
 
 class MLP(nn.Module):

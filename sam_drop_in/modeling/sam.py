@@ -1,10 +1,12 @@
-import math
 from typing import Any, Dict, List, Tuple, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._constants import PIXEL_MEAN, PIXEL_STD
+from . import _fast_postprocess
+from .common import eager_inference
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
@@ -20,8 +22,8 @@ class Sam(nn.Module):
         image_encoder: Union[ImageEncoderViT, TinyViT, nn.Module],
         prompt_encoder: PromptEncoder,
         mask_decoder: MaskDecoder,
-        pixel_mean: List[float] = [123.675, 116.28, 103.53],
-        pixel_std: List[float] = [58.395, 57.12, 57.375],
+        pixel_mean: List[float] = list(PIXEL_MEAN),
+        pixel_std: List[float] = list(PIXEL_STD),
     ) -> None:
         """
         SAM: image encoder, prompt encoder and mask decoder.
@@ -106,29 +108,14 @@ class Sam(nn.Module):
         Returns:
           (torch.Tensor): BxCxHxW float logits, (H, W) = original_size.
         """
-        size = self.image_encoder.img_size
-        low = masks.shape[-1]
-        input_size = tuple(int(s) for s in input_size)
-        if masks.shape[-2] == low and size % low == 0:
-            # Only the unpadded input region is kept, so only the low-res rows and columns that
-            # reach it are upsampled. Bilinear output pixel y reads source rows floor(src) and
-            # floor(src)+1, src = (y + 0.5) / f - 0.5 with f = size / low; upsampling the kept
-            # block by the same integer factor f uses the same src and weights, so the values are
-            # identical to upsampling everything and cropping.
-            f = size // low
-            keep = [min(low, max(math.floor((n - 0.5) / f - 0.5), 0) + 2) for n in input_size]
-            # The kernel vectorises along a row in blocks of 16 output values: keep whole blocks
-            # so that every kept value comes out of the same code path as before.
-            keep[1] = low if 16 % f else min(low, -(-keep[1] * f // 16) * 16 // f)
-            masks = F.interpolate(masks[..., : keep[0], : keep[1]], (keep[0] * f, keep[1] * f),
-                                  mode="bilinear", align_corners=False)
-        else:
-            masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
+        if eager_inference():  # same values, less work: only the kept region is upsampled
+            return _fast_postprocess.postprocess_masks(masks, self.image_encoder.img_size, input_size, original_size)
+        masks = F.interpolate(
+            masks, (self.image_encoder.img_size, self.image_encoder.img_size), mode="bilinear", align_corners=False
+        )
         masks = masks[..., : input_size[0], : input_size[1]]
-        original_size = tuple(int(s) for s in original_size)
-        if original_size == input_size:
-            return masks  # resizing to the same size is the identity (every weight 1 or 0)
-        return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+        masks = F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+        return masks
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Normalises pixel values and pads to a square img_size input. x: 3xHxW or Bx3xHxW."""
