@@ -20,17 +20,15 @@ import os
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image
 
-from ._locking import LockedState, serialised
+from ._constants import PIXEL_MEAN, PIXEL_STD  # upstream's, for files without our metadata
+from ._locking import serialised
+from ._predictor_state import PredictorState
 from ._validation import check_box, check_image, check_mask_input, check_point_prompts, check_resizable, to_float32
+from .utils.transforms import ResizeLongestSide
 
 __all__ = ["SamOnnxPredictor", "ResizeLongestSideNumpy"]
 
-# segment_anything's defaults, used when a model file carries no sam_drop_in metadata (e.g. one
-# exported by upstream's script).
-_DEFAULT_PIXEL_MEAN = [123.675, 116.28, 103.53]
-_DEFAULT_PIXEL_STD = [58.395, 57.12, 57.375]
 
 
 def _import_onnxruntime():
@@ -43,61 +41,8 @@ def _import_onnxruntime():
     return onnxruntime
 
 
-class ResizeLongestSideNumpy:
-    """numpy/PIL twin of ``sam_drop_in.utils.transforms.ResizeLongestSide`` (same results for
-    ``apply_image``, ``apply_coords``, ``apply_boxes``, ``get_preprocess_shape``), without torch."""
-
-    def __init__(self, target_length: int) -> None:
-        self.target_length = target_length
-
-    @staticmethod
-    def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> Tuple[int, int]:
-        """(H, W) after scaling the long side to ``long_side_length``, rounded half up.
-
-        Arguments:
-          oldh (int), oldw (int): original height and width.
-          long_side_length (int): target long side.
-
-        Returns:
-          (tuple(int, int)): new (H, W).
-        """
-        scale = long_side_length * 1.0 / max(oldh, oldw)
-        return int(oldh * scale + 0.5), int(oldw * scale + 0.5)
-
-    def apply_image(self, image: np.ndarray) -> np.ndarray:
-        """Resize so the long side is ``target_length`` with PIL's bilinear filter.
-
-        Arguments:
-          image (np.ndarray): HxWx3 uint8.
-
-        Returns:
-          (np.ndarray): H'xW'x3 uint8, max(H', W') == target_length.
-        """
-        new_h, new_w = self.get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
-        pil = Image.fromarray(np.ascontiguousarray(image))
-        return np.array(pil.resize((new_w, new_h), Image.BILINEAR))
-
-    def apply_coords(self, coords: np.ndarray, original_size: Tuple[int, ...]) -> np.ndarray:
-        """Map ...x2 (X, Y) pixel coordinates of an image of ``original_size`` (H, W) to the
-        resized frame.
-
-        Returns:
-          (np.ndarray): float64 copy, same shape.
-        """
-        old_h, old_w = original_size
-        new_h, new_w = self.get_preprocess_shape(old_h, old_w, self.target_length)
-        coords = np.array(coords, dtype=float)
-        coords[..., 0] = coords[..., 0] * (new_w / old_w)
-        coords[..., 1] = coords[..., 1] * (new_h / old_h)
-        return coords
-
-    def apply_boxes(self, boxes: np.ndarray, original_size: Tuple[int, ...]) -> np.ndarray:
-        """Map Bx4 XYXY boxes to the resized frame.
-
-        Returns:
-          (np.ndarray): Bx4 float64.
-        """
-        return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
+# The torch predictor's transform; its numpy methods import no torch. The old name stays public.
+ResizeLongestSideNumpy = ResizeLongestSide
 
 
 def _metadata(session) -> Dict[str, Any]:
@@ -112,7 +57,7 @@ def _metadata(session) -> Dict[str, Any]:
 PathOrBytes = Union[str, "os.PathLike[str]", bytes]
 
 
-class SamOnnxPredictor(LockedState):
+class SamOnnxPredictor(PredictorState):
     """``SamPredictor`` on ONNX Runtime: ``set_image`` runs the exported encoder once,
     ``predict`` runs the exported decoder per prompt set.
 
@@ -167,8 +112,8 @@ class SamOnnxPredictor(LockedState):
         # The preprocessing variant takes a rank-3 HxWx3 image; the bare encoder a rank-4 batch.
         self.include_preprocessing = bool(enc_meta.get("include_preprocessing", len(enc_input.shape) == 3))
         self.img_size = int(enc_meta.get("img_size", dec_meta.get("img_size", 1024)))
-        self.pixel_mean = np.asarray(enc_meta.get("pixel_mean", _DEFAULT_PIXEL_MEAN), np.float32).reshape(3, 1, 1)
-        self.pixel_std = np.asarray(enc_meta.get("pixel_std", _DEFAULT_PIXEL_STD), np.float32).reshape(3, 1, 1)
+        self.pixel_mean = np.asarray(enc_meta.get("pixel_mean", PIXEL_MEAN), np.float32).reshape(3, 1, 1)
+        self.pixel_std = np.asarray(enc_meta.get("pixel_std", PIXEL_STD), np.float32).reshape(3, 1, 1)
         self.mask_threshold = float(dec_meta.get("mask_threshold", 0.0))
 
         self._decoder_outputs = [o.name for o in self.decoder_session.get_outputs()]
@@ -184,7 +129,7 @@ class SamOnnxPredictor(LockedState):
         embed_shape = self.decoder_session.get_inputs()[0].shape
         self._mask_input_size = int(embed_shape[2]) * 4 if isinstance(embed_shape[2], int) else 256
 
-        self.transform = ResizeLongestSideNumpy(self.img_size)
+        self.transform = ResizeLongestSide(self.img_size)
         self.reset_image()
 
     @serialised
@@ -211,14 +156,7 @@ class SamOnnxPredictor(LockedState):
             feed = np.zeros((1, 3, self.img_size, self.img_size), np.float32)
             feed[0, :, : chw.shape[1], : chw.shape[2]] = chw
         features = self.encoder_session.run(None, {self._encoder_input_name: feed})[0]
-        # Commit only after the encoder succeeded.
-        self.reset_image()
-        self.original_size = (int(image.shape[0]), int(image.shape[1]))
-        self.input_size = (int(resized.shape[0]), int(resized.shape[1]))
-        self.orig_h, self.orig_w = self.original_size
-        self.input_h, self.input_w = self.input_size
-        self.features = features
-        self.is_image_set = True
+        self.set_embedding(features, image.shape[:2], resized.shape[:2])  # only after the encoder succeeded
 
     @serialised
     def predict(
@@ -293,24 +231,3 @@ class SamOnnxPredictor(LockedState):
         else:
             masks = masks.astype(np.float32)
         return masks, scores, low_res
-
-    @serialised
-    def get_image_embedding(self) -> np.ndarray:
-        """The embedding of the set image.
-
-        Returns:
-          (np.ndarray): 1x256x64x64 float32.
-        """
-        if not self.is_image_set:
-            raise RuntimeError("An image must be set with .set_image(...) to generate an embedding.")
-        return self.features
-
-    @serialised
-    def reset_image(self) -> None:
-        """Forget the set image and its embedding."""
-        self.is_image_set = False
-        self.features = None
-        self.orig_h = None
-        self.orig_w = None
-        self.input_h = None
-        self.input_w = None

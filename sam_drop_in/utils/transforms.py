@@ -1,9 +1,19 @@
+"""ResizeLongestSide: the resize applied before the image encoder, and the same mapping for
+prompt coordinates. The numpy methods need no torch (SamOnnxPredictor uses them on a torch-free
+install); the ``*_torch`` methods take tensors, so torch is there whenever they are called."""
+
+from __future__ import annotations
+
 from typing import Tuple
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.nn import functional as F
+
+try:
+    import torch
+    from torch.nn import functional as F
+except ImportError:  # a torch-free install: only the numpy methods are usable
+    torch = F = None
 
 from .._validation import check_resizable, to_uint8
 
