@@ -69,6 +69,7 @@ def _cfg(ws, out, **kw):
 
 
 def test_embed_store_contents_match_teacher_and_resume(ws):
+    from sam_drop_in._fileio import sha256_file
     from sam_drop_in.distill import _models
     from sam_drop_in.distill.embed import embed_folder
     from sam_drop_in.distill.store import EmbeddingStore
@@ -79,7 +80,7 @@ def test_embed_store_contents_match_teacher_and_resume(ws):
     assert len({r["shard"] for r in store.records}) == 2  # shard_size 3
     rec = store.records[1]
     assert (rec["height"], rec["width"]) == (75, 112)
-    assert rec["sha256"] == _models.sha256_file(str(root / "all" / "chelsea.png"))
+    assert rec["sha256"] == sha256_file(str(root / "all" / "chelsea.png"))
     # The stored embedding is the teacher's output for the preprocessed image.
     x, _ = _models.preprocess(_models.load_rgb(str(root / "all" / "chelsea.png")), SIZE)
     with torch.inference_mode():

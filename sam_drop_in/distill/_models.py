@@ -10,7 +10,6 @@ trained at any size loads strictly into ``sam_model_registry["vit_t"]``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -19,32 +18,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._constants import PIXEL_MEAN, PIXEL_STD, REGISTRY_KEYS, normalize_model_type
+from ..utils.transforms import ResizeLongestSide
+
 DEFAULT_IMAGE_SIZE = 1024
 PATCH_SIZE = 16
 PROMPT_EMBED_DIM = 256
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
-MODEL_TYPES = ("default", "vit_h", "vit_l", "vit_b", "vit_t")
+MODEL_TYPES = REGISTRY_KEYS  # what the distillation command line accepts
 
 
 def _canonical_type(model_type: str) -> str:
-    if model_type not in MODEL_TYPES:
-        raise ValueError(
-            f"Unknown model type {model_type!r}: choose one of {', '.join(MODEL_TYPES)}."
-        )
-    return "vit_h" if model_type == "default" else model_type
-
-
-def build_tinyvit(image_size: int = DEFAULT_IMAGE_SIZE) -> nn.Module:
-    """Build the MobileSAM/TinySAM TinyViT image encoder (random weights).
-
-    Arguments:
-      image_size (int): square input side in pixels, a multiple of 64.
-
-    Returns:
-      nn.Module: TinyViT whose output is Bx256x(image_size/16)x(image_size/16).
-    """
-    return build_sam_sized("vit_t", image_size).image_encoder
+    if model_type not in REGISTRY_KEYS:
+        raise ValueError(f"Unknown model type {model_type!r}: choose one of {', '.join(REGISTRY_KEYS)}.")
+    return normalize_model_type(model_type)
 
 
 def build_sam_sized(model_type: str, image_size: int = DEFAULT_IMAGE_SIZE, checkpoint: Optional[str] = None) -> nn.Module:
@@ -108,20 +96,6 @@ def load_sam(
     return sam
 
 
-def encoder_forward(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run an image encoder on a preprocessed batch.
-
-    Arguments:
-      encoder (nn.Module): ImageEncoderViT or TinyViT.
-      x (Tensor): Bx3xSxS float32, normalised and padded.
-
-    Returns:
-      Tensor: Bx256x(S/16)x(S/16) image embeddings.
-    """
-    # sam_drop_in's encoders take any square size that is a multiple of 64.
-    return encoder(x)
-
-
 def list_images(root: str) -> list:
     """Image files below ``root`` (recursive), as sorted POSIX paths relative to ``root``.
 
@@ -143,15 +117,6 @@ def list_images(root: str) -> list:
     return out
 
 
-def sha256_file(path: str) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_rgb(path: str) -> np.ndarray:
     """Read an image file as HxWx3 uint8 RGB.
 
@@ -170,25 +135,6 @@ def load_rgb(path: str) -> np.ndarray:
         raise ValueError(f"Cannot read image {path}: {exc}. Remove or replace the file.") from exc
 
 
-def resize_longest_side(image: np.ndarray, target: int) -> np.ndarray:
-    """Resize HxWx3 uint8 so its long side is ``target`` (the SAM predictor's resize).
-
-    Arguments:
-      image (np.ndarray): HxWx3 uint8.
-      target (int): long side in pixels.
-
-    Returns:
-      np.ndarray: H'xW'x3 uint8.
-    """
-    from sam_drop_in.utils.transforms import ResizeLongestSide
-
-    return ResizeLongestSide(target).apply_image(image)
-
-
-_PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
-_PIXEL_STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
-
-
 def preprocess(image: np.ndarray, image_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """SAM preprocessing of one RGB image: resize long side, normalise, pad bottom-right.
 
@@ -199,19 +145,15 @@ def preprocess(image: np.ndarray, image_size: int) -> Tuple[torch.Tensor, Tuple[
     Returns:
       (Tensor 3xSxS float32, (h, w) size after resizing, before padding).
     """
-    resized = resize_longest_side(image, image_size)
+    resized = ResizeLongestSide(image_size).apply_image(image)
     x = torch.as_tensor(resized).permute(2, 0, 1).contiguous().float()
-    x = (x - _PIXEL_MEAN) / _PIXEL_STD
+    x = (x - torch.tensor(PIXEL_MEAN).view(3, 1, 1)) / torch.tensor(PIXEL_STD).view(3, 1, 1)
     h, w = x.shape[-2:]
     x = torch.nn.functional.pad(x, (0, image_size - w, 0, image_size - h))
     return x, (int(h), int(w))
 
 
 def transform_coords(coords: np.ndarray, original_size: Sequence[int], image_size: int) -> np.ndarray:
-    """Map Nx2 (x, y) pixel coordinates of the original image to model input coordinates."""
-    h, w = original_size
-    scale = image_size * 1.0 / max(h, w)
-    out = np.asarray(coords, dtype=np.float64).copy()
-    out[..., 0] = out[..., 0] * (int(w * scale + 0.5) / w)
-    out[..., 1] = out[..., 1] * (int(h * scale + 0.5) / h)
-    return out
+    """Map ...x2 (x, y) pixel coordinates of the original image to model input coordinates
+    (the predictor's ResizeLongestSide.apply_coords); returns a float64 copy."""
+    return ResizeLongestSide(image_size).apply_coords(coords, tuple(original_size))

@@ -9,6 +9,7 @@ from typing import Dict, Optional
 
 import torch
 
+from .._fileio import sha256_file
 from . import _models
 from .store import FORMAT, MANIFEST, META, SHARD_DIR, atomic_write_json, iter_batches, read_manifest, shard_name
 
@@ -125,13 +126,13 @@ def embed_folder(
                         "path": rel,
                         "height": int(image.shape[0]),
                         "width": int(image.shape[1]),
-                        "sha256": _models.sha256_file(str(full)),
+                        "sha256": sha256_file(str(full)),
                         "shard": shard_name(next_shard),
                         "key": f"{next_index:09d}",
                     })
                     next_index += 1
                 with torch.inference_mode():
-                    emb = _models.encoder_forward(encoder, torch.stack(xs).to(device))
+                    emb = encoder(torch.stack(xs).to(device))
                 for line, e in zip(lines[len(lines) - len(batch):], emb):
                     tensors[line["key"]] = e.to(_DTYPES[dtype]).cpu().contiguous()
                 bar.update(len(batch))

@@ -84,7 +84,7 @@ def evaluate(
         image = _models.load_rgb(str(store.image_path(i)))
         h, w = image.shape[:2]
         x, (rh, rw) = _models.preprocess(image, size)
-        s_emb = _models.encoder_forward(student.image_encoder, x[None].to(device)).float()
+        s_emb = student.image_encoder(x[None].to(device)).float()
         t_emb = store.embedding(i)[None].to(device)
         mses.append(float(torch.mean((s_emb - t_emb) ** 2)))
         pts, boxes = random_prompts(h, w, n_points, n_boxes, gen)

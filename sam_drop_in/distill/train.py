@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .._fileio import sha256_file
 from . import _models
 from .losses import (
     FullStageWeights,
@@ -137,7 +138,7 @@ class _ImageEmbeddingDataset(torch.utils.data.Dataset):
                 f"Image {path} listed in the embedding store is missing; pass --image-root if the "
                 "images moved."
             )
-        if self.verify and _models.sha256_file(str(path)) != rec["sha256"]:
+        if self.verify and sha256_file(str(path)) != rec["sha256"]:
             raise ValueError(
                 f"Image {path} changed since its embedding was computed (sha256 mismatch); rerun "
                 "`distill embed` into a new store."
@@ -267,7 +268,7 @@ class DistillModule(nn.Module):
 
     def forward(self, x, teacher_emb, hws, generator: Optional[torch.Generator] = None):
         cfg = self.cfg
-        student_emb = _models.encoder_forward(self.student.image_encoder, x)
+        student_emb = self.student.image_encoder(x)
         emb_loss = embedding_loss(student_emb, teacher_emb, cfg.embed_loss)
         out = {"embedding": emb_loss}
         if not cfg.full_stage:
