@@ -25,7 +25,7 @@ IMAGE_NAMES = ("coffee.jpg", "astronaut.jpg", "chelsea.jpg")
 
 
 def load_images() -> List[np.ndarray]:
-    from compat_tests.conftest import load_image
+    from sam_drop_in.testing import load_image
 
     return [load_image(n) for n in IMAGE_NAMES]
 
@@ -35,7 +35,7 @@ def build_pair(model_type: str, device: str = "cpu", seed: int = 0):
     import importlib
 
     import sam_drop_in
-    from compat_tests.conftest import perturbed_state_dict
+    from sam_drop_in.testing import perturbed_state_dict
 
     ref_mod = importlib.import_module(REFERENCE[model_type])
     torch.manual_seed(seed)

@@ -88,7 +88,7 @@ def memory_child(model_type: str, variant: str, device: str) -> Dict:
     """Runs in a child process: build one variant, set an image, predict 16 boxes."""
     import importlib
 
-    from compat_tests.conftest import perturbed_state_dict
+    from sam_drop_in.testing import perturbed_state_dict
 
     image = load_images()[0]
     ref_mod = importlib.import_module(REFERENCE[model_type])

@@ -18,7 +18,7 @@ import segment_anything
 import sam_drop_in
 from sam_drop_in.utils.amg import mask_to_rle_pytorch, rle_to_mask
 
-from .conftest import perturbed_state_dict, small_sam
+from sam_drop_in.testing import perturbed_state_dict, small_sam
 
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -9,7 +9,7 @@ import torch
 import mobile_sam
 import sam_drop_in
 
-from .conftest import load_image, perturbed_state_dict
+from sam_drop_in.testing import load_image, perturbed_state_dict
 from .test_parity import IOU_ATOL, assert_masks_match
 
 

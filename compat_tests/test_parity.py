@@ -18,7 +18,7 @@ import mobile_sam
 import segment_anything
 import sam_drop_in
 
-from .conftest import load_image, perturbed_state_dict
+from sam_drop_in.testing import load_image, perturbed_state_dict
 
 EMB_ATOL, IOU_ATOL, LOGIT_ATOL, NEAR_THRESHOLD = 1e-4, 1e-4, 1e-3, 1e-3
 

@@ -13,7 +13,7 @@ import torch
 import sam_drop_in
 from sam_drop_in._errors import InputError
 
-from .conftest import small_sam
+from sam_drop_in.testing import small_sam
 
 POINTS = np.array([[300, 200]])
 LABELS = np.array([1])
@@ -21,7 +21,7 @@ LABELS = np.array([1])
 
 @pytest.fixture(scope="module")
 def image():
-    from .conftest import load_image
+    from sam_drop_in.testing import load_image
 
     return load_image("coffee.jpg")
 
@@ -157,7 +157,7 @@ def test_bad_torch_prompts(predictor):
 def test_errors_survive_python_O():
     code = (
         "import numpy as np, sam_drop_in\n"
-        "from compat_tests.conftest import small_sam\n"
+        "from sam_drop_in.testing import small_sam\n"
         "p = sam_drop_in.SamPredictor(small_sam('sam_drop_in'))\n"
         "try:\n    p.set_image(np.zeros((4, 4, 3), np.uint8), image_format='XYZ')\n"
         "except AssertionError as e:\n    print('raised', type(e).__name__)\n"

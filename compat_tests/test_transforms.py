@@ -7,7 +7,7 @@ from segment_anything.utils.transforms import ResizeLongestSide as Upstream
 
 from sam_drop_in.utils.transforms import ResizeLongestSide
 
-from .conftest import load_image
+from sam_drop_in.testing import load_image
 
 SIZES = [(400, 600), (600, 400), (512, 512), (7, 5), (1, 1), (1200, 1800), (3000, 17)]
 

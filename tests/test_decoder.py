@@ -15,7 +15,7 @@ import torch
 
 import sam_drop_in
 from sam_drop_in._errors import InputError
-from compat_tests.conftest import load_image, perturbed_state_dict, small_sam
+from sam_drop_in.testing import load_image, perturbed_state_dict, small_sam
 from sam_drop_in.modeling import _fast_decoder
 
 IOU_ATOL, LOGIT_ATOL = 1e-4, 1e-3

@@ -17,7 +17,7 @@ i.e. ~4e-6), and 1000x below what a wrong strip boundary or a missing term does 
 import pytest
 import torch
 
-from compat_tests.conftest import perturbed_state_dict
+from sam_drop_in.testing import perturbed_state_dict
 from sam_drop_in.build_sam import _build
 from sam_drop_in.modeling import common, tiny_vit
 

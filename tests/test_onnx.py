@@ -69,7 +69,7 @@ PROMPTS = {
 def _perturb(state_dict, seed=0):
     # Fresh models have zero biases, unit BatchNorm statistics and zero attention biases; move
     # them all so a dropped or mis-wired term in the exported graph shows up.
-    from compat_tests.conftest import perturbed_state_dict
+    from sam_drop_in.testing import perturbed_state_dict
 
     return perturbed_state_dict(state_dict, seed=seed)
 

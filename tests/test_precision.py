@@ -29,11 +29,12 @@ import pytest
 import torch
 
 import sam_drop_in
-from compat_tests.conftest import load_image, perturbed_state_dict, small_sam
+from sam_drop_in.testing import load_image, perturbed_state_dict, small_sam
 from sam_drop_in import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator, SamPredictor
 from sam_drop_in.batch import ImageEmbedding, embed_images, set_embedding
 from sam_drop_in.build_sam import _build
-from sam_drop_in.modeling.transformer import ImageSide
+from sam_drop_in.modeling._fast_decoder import ImageSide
+from sam_drop_in.modeling.image_decoder import ImageDecoder
 from sam_drop_in.precision import MODES, _Boundary, _cast, _reduce_precision, entry_points, optimize
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -106,22 +107,26 @@ def test_every_entry_point_is_covered(sd):
 
 
 def test_boundary_casts_only_from_outside(sd):
-    """From outside: float32 in, float32 out, named tuples kept; inside, reduced precision."""
+    """From outside: float32 in, float32 out; inside, reduced precision. Both decoder routes:
+    the module call (a hooked transformer takes the reference path) and ImageDecoder's fast path."""
     m = _model(sd, "bf16")
     dec, pe = m.mask_decoder, m.prompt_encoder
     emb = torch.randn(1, 256, 16, 16)
-    _, dense = pe(points=None, boxes=None, masks=None)
-    side = dec.prepare_image(emb, pe.get_dense_pe(), dense)
-    assert type(side) is ImageSide and side.keys.dtype == torch.float32 and side.first.dtype == torch.float32
+    points = (torch.rand(2, 1, 2) * SIZE, torch.ones(2, 1, dtype=torch.int))
     seen = []
     handle = dec.transformer.register_forward_hook(lambda mod, args, out: seen.append(out[0].dtype))
     try:
-        sparse, dense = pe(points=(torch.rand(2, 1, 2) * SIZE, torch.ones(2, 1, dtype=torch.int)), boxes=None, masks=None)
-        low, iou = dec(emb, pe.get_dense_pe(), sparse, dense, True, image_side=side)
+        sparse, dense = pe(points=points, boxes=None, masks=None)
+        low, iou = dec(emb, pe.get_dense_pe(), sparse, dense, True)
     finally:
         handle.remove()
     assert seen == [torch.bfloat16]  # the transformer, called by the decoder, stays in bf16
     assert low.dtype == iou.dtype == torch.float32 and low.shape == (2, 3, 64, 64)
+    fast_low, fast_iou = ImageDecoder(m, emb).decode(*points, multimask_output=True)
+    assert fast_low.dtype == fast_iou.dtype == torch.float32 and fast_low.shape == (2, 3, 64, 64)
+    # Contract: the same bf16 mathematics in another arrangement (fast vs module path): bf16
+    # round-off of O(1) logits, well inside 0.1.
+    torch.testing.assert_close(fast_low, low, rtol=0, atol=0.1)
     # A failing call leaves nothing marked as running: the next call is cast again.
     with pytest.raises(ValueError, match="image_embeddings has batch 3"):
         dec(emb.expand(3, -1, -1, -1), pe.get_dense_pe(), sparse, dense, True)
@@ -130,7 +135,7 @@ def test_boundary_casts_only_from_outside(sd):
 
 def test_cast_keeps_containers_and_shared_batches():
     x = torch.randn(1, 4)
-    side = ImageSide(keys=x, first=None, biases=[x, x], final_bias=x)
+    side = ImageSide(keys=x, first=None, biases=[x, x], final_bias=x, grid=(1, 4))
     got = _cast({"a": (side, [x]), "n": 3, "i": torch.ones(2, dtype=torch.int)}, torch.bfloat16)
     assert type(got["a"][0]) is ImageSide and got["a"][0].first is None
     assert got["a"][0].keys.dtype == got["a"][0].biases[1].dtype == got["a"][1][0].dtype == torch.bfloat16
