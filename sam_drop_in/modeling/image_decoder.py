@@ -65,16 +65,17 @@ class ImageDecoder:
             and _fast_decoder.applies(dec)
         )
 
-    def _prepared(self, dense: torch.Tensor, dtype: torch.dtype) -> _fast_decoder.ImageSide:
+    def _image_side(self, mask_input: Optional[torch.Tensor], dense: torch.Tensor, dtype: torch.dtype):
+        """The prepared image side: kept when there is no mask input (the dense embedding is then
+        the same learned vector for every prompt), else made for this call's masks."""
+        if mask_input is None and self._side is not None:
+            return self._side
         pe = self.model.prompt_encoder.get_dense_pe().to(dtype)
-        return _fast_decoder.prepare(self.model.mask_decoder, self.features.to(dtype), pe, _cast(dense, dtype))
-
-    def _sides(self, mask_input: Optional[torch.Tensor], dense: torch.Tensor, dtype: torch.dtype):
-        if mask_input is not None:  # the image side differs per prompt: nothing to keep
-            return self._prepared(dense, dtype)
-        if self._side is None:
-            self._side = self._prepared(dense, dtype)
-        return self._side
+        side = _fast_decoder.prepare(self.model.mask_decoder, self.features.to(dtype), pe,
+                                     (dense if mask_input is not None else dense[:1]).to(dtype))
+        if mask_input is None:
+            self._side = side
+        return side
 
     @torch.no_grad()
     def decode(
@@ -107,7 +108,7 @@ class ImageDecoder:
             low, iou = dec(self.features, pe, sparse, dense, multimask_output)
             return low.float(), iou.float()
         dtype = _dtype(dec)
-        low, iou = _fast_decoder.decode(dec, self._sides(mask_input, dense, dtype), sparse.to(dtype))
+        low, iou = _fast_decoder.decode(dec, self._image_side(mask_input, dense, dtype), sparse.to(dtype))
         mask_slice = slice(1, None) if multimask_output else slice(0, 1)
         return low[:, mask_slice].float(), iou[:, mask_slice].float()
 
@@ -138,7 +139,7 @@ class ImageDecoder:
         dec = self.model.mask_decoder
         dtype = _dtype(dec)
         low, iou, keep = _fast_decoder.decode_filtered(
-            dec, self._sides(None, dense, dtype), sparse.to(dtype), slice(1, None), iou_thresh
+            dec, self._image_side(None, dense, dtype), sparse.to(dtype), slice(1, None), iou_thresh
         )
         return low.float(), iou.float(), keep
 
@@ -147,10 +148,3 @@ def _dtype(decoder: nn.Module) -> torch.dtype:
     """The dtype the decoder computes in (its embeddings are never quantised)."""
     return decoder.iou_token.weight.dtype
 
-
-def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if x.dtype == dtype:
-        return x
-    if x.shape[0] > 1 and x.stride(0) == 0:  # keep the shared 'no mask' embedding shared
-        return x[:1].to(dtype).expand(x.shape)
-    return x.to(dtype)
