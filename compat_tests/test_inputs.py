@@ -14,7 +14,7 @@ import torch
 import sam_drop_in
 from sam_drop_in._errors import InputError
 
-from .conftest import small_sam
+from sam_drop_in.testing import small_sam
 
 POINT = dict(point_coords=np.array([[300, 200]]), point_labels=np.array([1]))
 
@@ -127,7 +127,7 @@ def test_possible_original_sizes_accepted(coffee):
 @pytest.fixture(scope="module")
 def ours():
     p = sam_drop_in.SamPredictor(small_sam("sam_drop_in"))
-    from .conftest import load_image
+    from sam_drop_in.testing import load_image
 
     p.set_image(load_image("coffee.jpg"))  # 400x600: points scale by 1024/600
     return p

@@ -25,7 +25,7 @@ from sam_drop_in._errors import InputError  # noqa: E402
 from sam_drop_in.onnx_export import export_decoder, export_encoder  # noqa: E402
 from sam_drop_in.onnx_predictor import SamOnnxPredictor  # noqa: E402
 
-from compat_tests.conftest import load_image, perturbed_state_dict, small_sam  # noqa: E402
+from sam_drop_in.testing import load_image, perturbed_state_dict, small_sam  # noqa: E402
 
 NEAR_THRESHOLD = 1e-3
 

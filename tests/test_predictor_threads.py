@@ -22,7 +22,7 @@ from PIL import Image
 import sam_drop_in
 from sam_drop_in.build_sam import _build
 
-from compat_tests.conftest import load_image, perturbed_state_dict
+from sam_drop_in.testing import load_image, perturbed_state_dict
 
 PROMPT = dict(point_coords=np.array([[20, 30]]), point_labels=np.array([1]), return_logits=True)
 CALLS_PER_THREAD = 20  # 40 set_image + predict pairs in all
