@@ -23,7 +23,7 @@ import sam_drop_in
 import segment_anything
 from sam_drop_in._errors import InputError
 
-from .conftest import perturbed_state_dict, small_sam
+from sam_drop_in.testing import perturbed_state_dict, small_sam
 from .test_amg_parity import MANY, MASK_THRESHOLD, _amg_state_dict, _photo
 
 PACKAGES = ("segment_anything", "sam_drop_in")

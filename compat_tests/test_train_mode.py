@@ -26,7 +26,7 @@ import torch
 import mobile_sam
 import sam_drop_in
 
-from .conftest import load_image, perturbed_state_dict
+from sam_drop_in.testing import load_image, perturbed_state_dict
 from .test_parity import EMB_ATOL, IOU_ATOL, assert_masks_match
 
 ACCURACY_FACTOR = 4.0
