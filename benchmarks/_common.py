@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -113,39 +113,6 @@ def vmhwm_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def quality_prompts(h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A 3x3 grid of points and 8 boxes, in original pixels (deterministic)."""
-    xs, ys = np.meshgrid(np.linspace(0.2, 0.8, 3) * w, np.linspace(0.2, 0.8, 3) * h)
-    points = torch.tensor(np.stack([xs.ravel(), ys.ravel()], 1)[:, None, :], dtype=torch.float)
-    rng = np.random.default_rng(0)
-    lo = rng.uniform(0.05, 0.45, (8, 2)) * [w, h]
-    hi = lo + rng.uniform(0.2, 0.5, (8, 2)) * [w, h]
-    boxes = torch.tensor(np.concatenate([lo, np.minimum(hi, [w - 1, h - 1])], 1), dtype=torch.float)
-    return points, boxes
-
-
-@torch.no_grad()
-def predict_quality_masks(predictor, image: np.ndarray) -> torch.Tensor:
-    """All multimask masks for quality_prompts on ``image``: Mx H x W bool (M = (9 + 8) * 3)."""
-    predictor.set_image(image)
-    h, w = image.shape[:2]
-    points, boxes = quality_prompts(h, w)
-    dev = predictor.device
-    pts = predictor.transform.apply_coords_torch(points, (h, w)).to(dev)
-    m1, _, _ = predictor.predict_torch(pts, torch.ones(pts.shape[:2], dtype=torch.int, device=dev))
-    bxs = predictor.transform.apply_boxes_torch(boxes, (h, w)).to(dev)
-    m2, _, _ = predictor.predict_torch(None, None, boxes=bxs)
-    return torch.cat([m1.flatten(0, 1), m2.flatten(0, 1)]).cpu()
-
-
-def mean_iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean IoU of paired bool masks (M x H x W); pairs empty in both count as agreeing (1)."""
-    inter = (a & b).flatten(1).sum(1).double()
-    union = (a | b).flatten(1).sum(1).double()
-    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-    return float(iou.mean())
 
 
 # A busy loop in its own process, pinned to one core, that ends by itself after ``seconds`` even

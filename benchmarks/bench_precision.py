@@ -10,21 +10,14 @@ same point). fp16 on a CPU goes through the private path the tests use (slow, fo
 """
 
 import argparse
-import os
-import sys
 import time
 import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import sam_drop_in  # noqa: E402
-from _common import mean_iou, predict_quality_masks  # noqa: E402
-from compat_tests.conftest import load_image, perturbed_state_dict  # noqa: E402
 from sam_drop_in.precision import _reduce_precision, optimize  # noqa: E402
-from tests.test_precision import _records_iou  # noqa: E402
+from sam_drop_in.testing import load_image, mean_iou, perturbed_state_dict, predict_quality_masks, records_iou  # noqa: E402
 
 
 def build(sd, mode, device):
@@ -65,7 +58,7 @@ def main():
         masks, records, t = measure(build(sd, mode, args.device), image)
         points, boxes = mean_iou(base_masks[:27], masks[:27]), mean_iou(base_masks[27:], masks[27:])
         print(f"{mode}: mean mask IoU vs fp32 points {points:.4f}, boxes {boxes:.4f}, "
-              f"AMG records {_records_iou(base_records, records):.4f} ({len(records)} records), {t:.1f} s")
+              f"AMG records {records_iou(base_records, records):.4f} ({len(records)} records), {t:.1f} s")
 
 
 if __name__ == "__main__":

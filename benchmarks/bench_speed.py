@@ -47,12 +47,11 @@ from _common import (  # noqa: E402
     count_flops,
     load_images,
     matmul_rate,
-    mean_iou,
     median,
-    predict_quality_masks,
     timed,
     vmhwm_mib,
 )
+from sam_drop_in.testing import mean_iou, predict_quality_masks  # noqa: E402
 
 # Targets (issue #13): x faster than the reference in fp32, quiet and with the other core busy;
 # bf16 encoder time at most this many times its floor on hardware with native bf16.

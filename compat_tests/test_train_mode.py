@@ -20,7 +20,6 @@ Contracts (fp32 on CPU, the same weights on both sides):
 """
 
 import numpy as np
-import pytest
 import torch
 
 import mobile_sam

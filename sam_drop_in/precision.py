@@ -135,7 +135,7 @@ def _reduce_precision(model: nn.Module, dtype: torch.dtype) -> None:
 
 def _cast(x: Any, dtype: torch.dtype) -> Any:
     """``x`` with every floating tensor in it cast to ``dtype``: tensors, and tuples (named ones
-    too, e.g. the decoder's ImageSide), lists and dicts of them, recursively. Anything else is
+    too), lists and dicts of them, recursively. Anything else is
     returned as it is."""
     if isinstance(x, torch.Tensor):
         if not x.is_floating_point() or x.dtype == dtype:
@@ -193,7 +193,7 @@ class _Boundary:
 def entry_points(module: nn.Module) -> List[str]:
     """The methods of ``module`` that reduced precision puts a float32 boundary on: ``forward``
     (when the module has one) and every public method that its classes below PyTorch's own
-    define (``prepare_image``, ``decode_tokens``, ``mask_logits``, ... of the mask decoder).
+    define (``predict_masks`` of the mask decoder, for example).
     Methods that ``nn.Module`` itself has (``train``, ``state_dict``, ...) are left alone.
 
     Arguments:
@@ -217,10 +217,11 @@ def entry_points(module: nn.Module) -> List[str]:
 def _cast_at_boundary(part: nn.Module, dtype: torch.dtype) -> None:
     """Puts a :class:`_Boundary` on every entry point of every module in ``part``.
 
-    Any module's methods, not only the part's ``forward``: callers use the decoder's per-image
-    work (``prepare_image``), its two halves (``decode_tokens``, ``mask_logits``) and its heads
-    (``iou_prediction_head``) directly, and a fast path moved into a module of its own is
-    covered the moment it is a method or a submodule, with no list here to keep up to date.
+    Any module's methods, not only the part's ``forward``: callers may use a decoder method or
+    a head (``iou_prediction_head``) directly, and a new method or submodule is covered the
+    moment it exists, with no list here to keep up to date. The fast decoder
+    (``modeling.image_decoder.ImageDecoder``) works on the weights directly and casts its own
+    inputs to the decoder's dtype, returning float32, so it needs no boundary.
     """
     for module in part.modules():
         for name in entry_points(module):

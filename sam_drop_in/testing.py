@@ -11,8 +11,9 @@ torch and pillow are dependencies of the package; the reference packages (``segm
 """
 
 import importlib
+from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Tuple, Union
 
 import numpy as np
 import torch
@@ -104,3 +105,50 @@ def small_sam(module: str, seed: int = 0) -> nn.Module:
         ),
     )
     return sam.eval()
+
+
+def quality_prompts(h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A 3x3 grid of points and 8 boxes, in original pixels (deterministic)."""
+    xs, ys = np.meshgrid(np.linspace(0.2, 0.8, 3) * w, np.linspace(0.2, 0.8, 3) * h)
+    points = torch.tensor(np.stack([xs.ravel(), ys.ravel()], 1)[:, None, :], dtype=torch.float)
+    rng = np.random.default_rng(0)
+    lo = rng.uniform(0.05, 0.45, (8, 2)) * [w, h]
+    hi = lo + rng.uniform(0.2, 0.5, (8, 2)) * [w, h]
+    boxes = torch.tensor(np.concatenate([lo, np.minimum(hi, [w - 1, h - 1])], 1), dtype=torch.float)
+    return points, boxes
+
+
+@torch.no_grad()
+def predict_quality_masks(predictor, image: np.ndarray) -> torch.Tensor:
+    """All multimask masks for quality_prompts on ``image``: Mx H x W bool (M = (9 + 8) * 3)."""
+    predictor.set_image(image)
+    h, w = image.shape[:2]
+    points, boxes = quality_prompts(h, w)
+    dev = predictor.device
+    pts = predictor.transform.apply_coords_torch(points, (h, w)).to(dev)
+    m1, _, _ = predictor.predict_torch(pts, torch.ones(pts.shape[:2], dtype=torch.int, device=dev))
+    bxs = predictor.transform.apply_boxes_torch(boxes, (h, w)).to(dev)
+    m2, _, _ = predictor.predict_torch(None, None, boxes=bxs)
+    return torch.cat([m1.flatten(0, 1), m2.flatten(0, 1)]).cpu()
+
+
+def mean_iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean IoU of paired bool masks (M x H x W); pairs empty in both count as agreeing (1)."""
+    inter = (a & b).flatten(1).sum(1).double()
+    union = (a | b).flatten(1).sum(1).double()
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    return float(iou.mean())
+
+
+def records_iou(ref, got) -> float:
+    """Mean over ``ref``'s records (generator output dicts with binary_mask segmentations) of the best mask IoU among ``got``'s records for the same
+    point (0 when the point has none): the generators' agreement, independent of order."""
+    by_point = defaultdict(list)
+    for r in got:
+        by_point[tuple(np.round(r["point_coords"][0], 3))].append(torch.as_tensor(r["segmentation"]))
+    scores = []
+    for r in ref:
+        cands = by_point.get(tuple(np.round(r["point_coords"][0], 3)), [])
+        a = torch.as_tensor(r["segmentation"])
+        scores.append(max((mean_iou(a[None], b[None]) for b in cands), default=0.0))
+    return float(np.mean(scores))

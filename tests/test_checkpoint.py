@@ -8,7 +8,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import zipfile
 
 import pytest
 import torch

@@ -15,7 +15,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

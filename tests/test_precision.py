@@ -17,11 +17,8 @@ Run with ``--device cuda`` (benchmarks/gpu_check.py) to check the same on a GPU.
 """
 
 import copy
-import os
 import re
-import sys
 import warnings
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +26,7 @@ import pytest
 import torch
 
 import sam_drop_in
-from sam_drop_in.testing import load_image, perturbed_state_dict, small_sam
+from sam_drop_in.testing import load_image, mean_iou, perturbed_state_dict, predict_quality_masks, records_iou, small_sam
 from sam_drop_in import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator, SamPredictor
 from sam_drop_in.batch import ImageEmbedding, embed_images, set_embedding
 from sam_drop_in.build_sam import _build
@@ -37,8 +34,6 @@ from sam_drop_in.modeling._fast_decoder import ImageSide
 from sam_drop_in.modeling.image_decoder import ImageDecoder
 from sam_drop_in.precision import MODES, _Boundary, _cast, _reduce_precision, entry_points, optimize
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from _common import mean_iou, predict_quality_masks  # noqa: E402
 
 IOU_MIN = 0.9
 SIZE = 256  # model input size: 16x16 image embedding, 64x64 low-res logits
@@ -192,20 +187,6 @@ def test_agreement_with_fp32(reduced, coffee, fp32_quality):
     assert iou >= IOU_MIN, f"{mode} agrees with fp32 at mean IoU {iou:.3f}"
 
 
-def _records_iou(ref, got):
-    """Mean over ``ref``'s records of the best mask IoU among ``got``'s records for the same
-    point (0 when the point has none): the generators' agreement, independent of order."""
-    by_point = defaultdict(list)
-    for r in got:
-        by_point[tuple(np.round(r["point_coords"][0], 3))].append(torch.as_tensor(r["segmentation"]))
-    scores = []
-    for r in ref:
-        cands = by_point.get(tuple(np.round(r["point_coords"][0], 3)), [])
-        a = torch.as_tensor(r["segmentation"])
-        scores.append(max((mean_iou(a[None], b[None]) for b in cands), default=0.0))
-    return float(np.mean(scores))
-
-
 GENERATORS = {
     # Thresholds 0 and NMS at 1.0 keep every mask: every record is compared, not a filtered few.
     "automatic": lambda m: SamAutomaticMaskGenerator(m, points_per_side=6, pred_iou_thresh=0.0,
@@ -239,7 +220,7 @@ def test_mask_generators(reduced, kind, small_image, fp32_records):
         assert r["segmentation"].dtype == np.bool_ and r["segmentation"].shape == small_image.shape[:2]
         assert isinstance(r["predicted_iou"], float) and np.isfinite(r["predicted_iou"])
         assert isinstance(r["stability_score"], float)
-    iou = _records_iou(fp32_records[kind], records)
+    iou = records_iou(fp32_records[kind], records)
     print(f"{mode} {kind} records mean mask IoU vs fp32: {iou:.4f}")
     assert iou >= IOU_MIN, f"{mode} {kind} generator agrees with fp32 at mean IoU {iou:.3f}"
 

@@ -14,7 +14,7 @@ Differences from the reference that do not change results:
 """
 
 import itertools
-from typing import List, Sequence, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
