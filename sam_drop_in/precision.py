@@ -22,12 +22,13 @@ encoder and the mask decoder; the prompt encoder (under 0.1% of the work) stays 
 """
 
 import inspect
-import threading
 import warnings
 from typing import Any, List
 
 import torch
 from torch import nn
+
+from .modeling._running import inside, running_parts
 
 __all__ = ["MODES", "optimize", "cpu_has_native_bf16"]
 
@@ -156,11 +157,6 @@ def _cast(x: Any, dtype: torch.dtype) -> Any:
     return x
 
 
-# The reduced-precision parts (image encoder, mask decoder) whose code is running on this
-# thread, by id: a call into a part from inside the same part is internal and passes through.
-_RUNNING = threading.local()
-
-
 class _Boundary:
     """Stands in for one method of a module inside a reduced-precision part (the image encoder
     or the mask decoder): a call from outside the part gets its floating inputs cast to the
@@ -176,17 +172,10 @@ class _Boundary:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         method = getattr(type(self.module), self.name)
-        running = getattr(_RUNNING, "parts", None)
-        if running is None:
-            running = _RUNNING.parts = set()
-        key = id(self.part)
-        if key in running:
+        if id(self.part) in running_parts():  # called by the part's own code: already in dtype
             return method(self.module, *args, **kwargs)
-        running.add(key)
-        try:
+        with inside(self.part):
             out = method(self.module, *_cast(args, self.dtype), **_cast(kwargs, self.dtype))
-        finally:
-            running.discard(key)
         return _cast(out, torch.float32)
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import _fast_decoder
+from ._running import inside
 from .mask_decoder import MaskDecoder
 
 
@@ -108,7 +109,8 @@ class ImageDecoder:
             low, iou = dec(self.features, pe, sparse, dense, multimask_output)
             return low.float(), iou.float()
         dtype = _dtype(dec)
-        low, iou = _fast_decoder.decode(dec, self._image_side(mask_input, dense, dtype), sparse.to(dtype))
+        with inside(dec):  # its submodules run in its dtype, uncast (see precision.optimize)
+            low, iou = _fast_decoder.decode(dec, self._image_side(mask_input, dense, dtype), sparse.to(dtype))
         mask_slice = slice(1, None) if multimask_output else slice(0, 1)
         return low[:, mask_slice].float(), iou[:, mask_slice].float()
 
@@ -138,9 +140,10 @@ class ImageDecoder:
         sparse, dense = self.model.prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)
         dec = self.model.mask_decoder
         dtype = _dtype(dec)
-        low, iou, keep = _fast_decoder.decode_filtered(
-            dec, self._image_side(None, dense, dtype), sparse.to(dtype), slice(1, None), iou_thresh
-        )
+        with inside(dec):  # its submodules run in its dtype, uncast (see precision.optimize)
+            low, iou, keep = _fast_decoder.decode_filtered(
+                dec, self._image_side(None, dense, dtype), sparse.to(dtype), slice(1, None), iou_thresh
+            )
         return low.float(), iou.float(), keep
 
 
