@@ -60,15 +60,19 @@ class QAttention(nn.Module):
         if not self.samples:
             raise RuntimeError("attention saw no calibration data")
 
-        def pick(quant, fn):
+        def pick(quant, fn, refs):
+            # fn(sample, quantise) -> the product with one operand quantised; refs: float products.
             cands = quant.candidates(recipe.act_search, recipe.softmax_fine_shifts)
-            errs = [sum(float(fn(s, lambda t: quant.quantize(t, p)).pow(2).mean()) for s in self.samples) for p in cands]
+            errs = [sum(float((fn(s, lambda t: quant.quantize(t, p)) - ref).pow(2).mean()) for s, ref in zip(self.samples, refs))
+                    for p in cands]
             quant.set_params(cands[min(range(len(errs)), key=errs.__getitem__)])
 
-        pick(self.q_quant, lambda s, f: f(s[0]) @ s[1].transpose(-2, -1) - s[0] @ s[1].transpose(-2, -1))
-        pick(self.k_quant, lambda s, f: s[0] @ f(s[1]).transpose(-2, -1) - s[0] @ s[1].transpose(-2, -1))
-        pick(self.attn_quant, lambda s, f: f(s[2]) @ s[3] - s[2] @ s[3])
-        pick(self.v_quant, lambda s, f: s[2] @ f(s[3]) - s[2] @ s[3])
+        scores = [q @ k.transpose(-2, -1) for q, k, _, _ in self.samples]
+        outs = [a @ v for _, _, a, v in self.samples]
+        pick(self.q_quant, lambda s, f: f(s[0]) @ s[1].transpose(-2, -1), scores)
+        pick(self.k_quant, lambda s, f: s[0] @ f(s[1]).transpose(-2, -1), scores)
+        pick(self.attn_quant, lambda s, f: f(s[2]) @ s[3], outs)
+        pick(self.v_quant, lambda s, f: s[2] @ f(s[3]), outs)
 
     def finalize(self) -> None:
         self.samples = []

@@ -1,0 +1,104 @@
+"""Agreement of the simulated (fake-quant) W8A8 / W6A6 vit_t encoder with fp32.
+
+    python benchmarks/bench_quant.py                      # full size (1024), w8a8 and w6a6
+    python benchmarks/bench_quant.py --image-size 256 --recipes w8a8
+
+Weights: MobileSAM's architecture with perturbed random weights (compat_tests' perturbed_state_dict,
+seed 0), as in bench_speed.py; with random weights many logits sit near the threshold, so the
+IoU is a lower bound for trained weights. Calibration: three scikit-image photographs (rocket,
+immunohistochemistry, hubble_deep_field); evaluation: the three photographs of examples/images
+(disjoint). Reported per recipe: calibration time, embedding cosine (per image, mean), mean mask
+IoU of every multimask mask for 9 points and 8 boxes per photograph (_common.quality_prompts),
+the saved file's size against the fp32 encoder safetensors, and the simulated encoder's time
+against fp32 (the simulation runs in float32 and is slower; it is for accuracy, not speed).
+"""
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import load_images, mean_iou, predict_quality_masks  # noqa: E402
+
+
+def main(argv=None) -> int:
+    from safetensors.torch import save_file
+    from skimage import data
+
+    from compat_tests.conftest import perturbed_state_dict
+    from sam_drop_in import SamPredictor, quantization
+    from sam_drop_in.build_sam import _build
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--image-size", type=int, default=1024)
+    ap.add_argument("--recipes", default="w8a8,w6a6")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    sam = _build("vit_t", image_size=args.image_size).eval()
+    sam.load_state_dict(perturbed_state_dict(sam.state_dict(), seed=0))
+    calib = [data.rocket(), data.immunohistochemistry(), data.hubble_deep_field()]
+    evals = load_images()
+
+    ref_pred = SamPredictor(sam)
+    ref_masks, ref_emb = [], []
+    for im in evals:
+        ref_masks.append(predict_quality_masks(ref_pred, im))
+        ref_emb.append(ref_pred.get_image_embedding().clone())
+
+    tmp = tempfile.mkdtemp()
+    fp32_path = os.path.join(tmp, "fp32.safetensors")
+    save_file({k: v.contiguous() for k, v in sam.image_encoder.state_dict().items()}, fp32_path)
+    fp32_bytes = os.path.getsize(fp32_path)
+    head_bytes = sum(v.numel() * 4 for k, v in sam.image_encoder.state_dict().items() if k.startswith(("head.", "norm_head.")))
+
+    results = {"image_size": args.image_size, "threads": torch.get_num_threads(), "recipes": {}}
+    for name in args.recipes.split(","):
+        t0 = time.perf_counter()
+        qenc = quantization.calibrate(sam, calib, name)
+        calib_s = time.perf_counter() - t0
+        qsam = copy.deepcopy(sam)
+        qsam.image_encoder = qenc
+        pred = SamPredictor(qsam)
+        ious, coss = [], []
+        for im, rm, re in zip(evals, ref_masks, ref_emb):
+            m = predict_quality_masks(pred, im)
+            ious.append(mean_iou(m, rm))
+            coss.append(float(torch.nn.functional.cosine_similarity(pred.get_image_embedding().flatten(), re.flatten(), 0)))
+        qpath = os.path.join(tmp, f"{name}.safetensors")
+        quantization.save_quantized(qenc, qpath)
+        x = quantization.preprocess(sam, evals[0])
+        times = {"fp32": [], "sim": []}
+        with torch.no_grad():
+            for _ in range(3):  # alternating, so shared-machine load hits both alike
+                t = time.perf_counter(); sam.image_encoder(x); times["fp32"].append(time.perf_counter() - t)
+                t = time.perf_counter(); qenc(x); times["sim"].append(time.perf_counter() - t)
+        r = {
+            "calibration_s": round(calib_s, 1),
+            "embedding_cosine": [round(c, 5) for c in coss],
+            "mean_mask_iou": round(sum(ious) / len(ious), 4),
+            "mask_iou_per_image": [round(i, 4) for i in ious],
+            "file_bytes": os.path.getsize(qpath),
+            "file_ratio_vs_fp32_encoder": round(os.path.getsize(qpath) / fp32_bytes, 4),
+            "file_ratio_vs_fp32_without_unused_head": round(os.path.getsize(qpath) / (fp32_bytes - head_bytes), 4),
+            "sim_time_over_fp32": round(min(times["sim"]) / min(times["fp32"]), 2),
+        }
+        results["recipes"][name] = r
+        print(name, json.dumps(r), flush=True)
+    results["fp32_encoder_bytes"] = fp32_bytes
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
