@@ -8,7 +8,7 @@ seed 0), as in bench_speed.py; with random weights many logits sit near the thre
 IoU is a lower bound for trained weights. Calibration: three scikit-image photographs (rocket,
 immunohistochemistry, hubble_deep_field); evaluation: the three photographs of examples/images
 (disjoint). Reported per recipe: calibration time, embedding cosine (per image, mean), mean mask
-IoU of every multimask mask for 9 points and 8 boxes per photograph (_common.quality_prompts),
+IoU of every multimask mask for 9 points and 8 boxes per photograph (sam_drop_in.testing.quality_prompts),
 the saved file's size against the fp32 encoder safetensors, and the simulated encoder's time
 against fp32 (the simulation runs in float32 and is slower; it is for accuracy, not speed).
 """
@@ -24,15 +24,15 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import load_images, mean_iou, predict_quality_masks  # noqa: E402
+from _common import load_images  # noqa: E402
+
+from sam_drop_in.testing import mean_iou, perturbed_state_dict, predict_quality_masks  # noqa: E402
 
 
 def main(argv=None) -> int:
     from safetensors.torch import save_file
     from skimage import data
 
-    from compat_tests.conftest import perturbed_state_dict
     from sam_drop_in import SamPredictor, quantization
     from sam_drop_in.build_sam import _build
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from skimage import data
 
-from compat_tests.conftest import perturbed_state_dict
+from sam_drop_in.testing import perturbed_state_dict
 from sam_drop_in import SamPredictor, quantization as Q
 from sam_drop_in._errors import CheckpointError, InputError
 from sam_drop_in.build_sam import _build

@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import torch
 
 from .._errors import CheckpointError
 from .._fileio import atomic_write
