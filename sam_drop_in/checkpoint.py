@@ -176,7 +176,7 @@ def _is_safetensors(path: str) -> bool:
 
 
 def _torch_reason(exc: BaseException) -> str:
-    """torch's own words for a load failure, without its advice to load with weights_only=False.
+    """torch's own words for a load failure, without its advice to retry with the unsafe unpickler.
 
     The weights-only unpickler re-raises its finding wrapped in a paragraph that suggests
     retrying unsafely; the finding itself is the exception's context.
