@@ -11,25 +11,19 @@ same point). fp16 on a CPU goes through the private path the tests use (slow, fo
 
 import argparse
 import time
-import warnings
 
 import torch
 
 import sam_drop_in  # noqa: E402
-from sam_drop_in.precision import _reduce_precision, optimize  # noqa: E402
-from sam_drop_in.testing import load_image, mean_iou, perturbed_state_dict, predict_quality_masks, records_iou  # noqa: E402
+from sam_drop_in.testing import (  # noqa: E402
+    load_image, mean_iou, model_in_mode, perturbed_state_dict, predict_quality_masks, records_iou,
+)
 
 
 def build(sd, mode, device):
     m = sam_drop_in.sam_model_registry["vit_t"]()
     m.load_state_dict(sd)
-    m.to(device).eval()
-    if mode == "fp16" and torch.device(device).type == "cpu":
-        _reduce_precision(m, torch.float16)
-        return m
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return optimize(m, mode)
+    return model_in_mode(m, mode, device)
 
 
 def measure(model, image):

@@ -152,3 +152,23 @@ def records_iou(ref, got) -> float:
         a = torch.as_tensor(r["segmentation"])
         scores.append(max((mean_iou(a[None], b[None]) for b in cands), default=0.0))
     return float(np.mean(scores))
+
+
+def model_in_mode(model: nn.Module, mode: str, device: str = "cpu") -> nn.Module:
+    """
+    ``model`` moved to ``device``, in eval mode, in precision ``mode`` ("fp32", "bf16", "fp16",
+    "int8"). fp16 on a CPU goes through ``precision._reduce_precision`` (the public
+    ``optimize`` refuses it there), so that tests and benchmarks run that path on any machine;
+    the "bf16 is emulated on this CPU" warning is silenced.
+    """
+    import warnings
+
+    from .precision import _reduce_precision, optimize
+
+    model.to(device).eval()
+    if mode == "fp16" and torch.device(device).type == "cpu":
+        _reduce_precision(model, torch.float16)
+        return model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return optimize(model, mode)

@@ -522,6 +522,17 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"ETag": f'"{hashlib.sha1(data).hexdigest()}"', "X-Repo-Commit": commit}
         self._send(200, headers, data)
 
+    def _send_half(self, data: bytes, sha: str, commit: str) -> None:
+        """Promise the whole file (200, full Content-Length), send half, drop the connection."""
+        self.send_response(200)
+        self.send_header("ETag", f'"{sha}"')
+        self.send_header("X-Repo-Commit", commit)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.wfile.flush()
+        self.close_connection = True
+
     def _blob(self, repo_id: str, commit: str, filename: str) -> None:
         hub = self.owner
         repo, commit, err = hub.lookup(repo_id, commit)
@@ -532,28 +543,12 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"ETag": f'"{sha}"', "X-Repo-Commit": commit, "Accept-Ranges": "bytes"}
         if self.command == "GET" and hub.faults.get(filename) == "norange":
             # Range ignored: the whole file promised, half of it sent, the connection dropped.
-            self.send_response(200)
-            self.send_header("ETag", f'"{sha}"')
-            self.send_header("X-Repo-Commit", commit)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data[: len(data) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return
+            return self._send_half(data, sha, commit)
         if self.command == "GET" and sha in hub._truncated:
             if "Range" in self.headers or hub._truncated_sent(sha):
                 return self._send(500, {"X-Error-Message": "storage error after dropped connection (injected)"})
             # Promise the whole file, send half, drop the connection.
-            self.send_response(200)
-            self.send_header("ETag", f'"{sha}"')
-            self.send_header("X-Repo-Commit", commit)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data[: len(data) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return
+            return self._send_half(data, sha, commit)
         rng = self.headers.get("Range")
         if rng and (m := re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())):
             start = int(m.group(1))

@@ -18,7 +18,6 @@ Run with ``--device cuda`` (benchmarks/gpu_check.py) to check the same on a GPU.
 
 import copy
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +25,15 @@ import pytest
 import torch
 
 import sam_drop_in
-from sam_drop_in.testing import load_image, mean_iou, perturbed_state_dict, predict_quality_masks, records_iou, small_sam
+from sam_drop_in.testing import (
+    load_image, mean_iou, model_in_mode, perturbed_state_dict, predict_quality_masks, records_iou, small_sam,
+)
 from sam_drop_in import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator, SamPredictor
 from sam_drop_in.batch import ImageEmbedding, embed_images, set_embedding
 from sam_drop_in.build_sam import _build
 from sam_drop_in.modeling._fast_decoder import ImageSide
 from sam_drop_in.modeling.image_decoder import ImageDecoder
-from sam_drop_in.precision import MODES, _Boundary, _cast, _reduce_precision, entry_points, optimize
+from sam_drop_in.precision import MODES, _Boundary, _cast, entry_points, optimize
 
 
 IOU_MIN = 0.9
@@ -56,13 +57,7 @@ def _model(sd, mode, device="cpu"):
     """vit_t at SIZE with weights ``sd`` on ``device`` in ``mode``; fp16 also on CPU."""
     m = _build("vit_t", image_size=SIZE)
     m.load_state_dict(sd)
-    m.to(device).eval()
-    if mode == "fp16" and torch.device(device).type == "cpu":
-        _reduce_precision(m, torch.float16)
-        return m
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # "bf16 is emulated on this CPU"
-        return optimize(m, mode)
+    return model_in_mode(m, mode, device)
 
 
 @pytest.fixture(scope="module")
