@@ -58,7 +58,7 @@ class EmbeddingStore:
         if not meta_path.is_file():
             raise FileNotFoundError(
                 f"{root} is not an embedding store (no {META}). Create one with "
-                "`sam-drop-in distill embed --images DIR --out {root} ...`."
+                f"`sam-drop-in distill embed --images DIR --out {root} ...`."
             )
         with open(meta_path) as f:
             self.meta = json.load(f)
