@@ -1,6 +1,7 @@
 """Model builders: ``sam_model_registry[model_type](checkpoint=...)`` as in segment_anything,
 plus ``vit_t`` (MobileSAM / TinySAM TinyViT encoder)."""
 
+import os
 from functools import partial
 from typing import Callable, Dict, Optional, Sequence
 
@@ -43,6 +44,9 @@ def build_sam_vit_t(checkpoint=None):
 
 
 def _build_sam_vit_t(checkpoint=None, image_size: int = _IMAGE_SIZE) -> Sam:
+    quantized = _quantized_sam(checkpoint, "vit_t")
+    if quantized is not None:
+        return quantized
     encoder = TinyViT(
         img_size=image_size,
         in_chans=3,
@@ -91,6 +95,9 @@ def _build_sam(
     model_type: Optional[str] = None,
     image_size: int = _IMAGE_SIZE,
 ) -> Sam:
+    quantized = _quantized_sam(checkpoint, model_type)
+    if quantized is not None:
+        return quantized
     encoder = ImageEncoderViT(
         depth=encoder_depth,
         embed_dim=encoder_embed_dim,
@@ -106,6 +113,23 @@ def _build_sam(
         out_chans=_PROMPT_EMBED_DIM,
     )
     return _assemble(encoder, checkpoint=checkpoint, model_type=model_type, image_size=image_size)
+
+
+def _quantized_sam(checkpoint, model_type: Optional[str]) -> Optional[Sam]:
+    """The model of a quantised file (``quantization.save_quantized(sam, path)``), else None.
+
+    Such a file records its own architecture, recipe and input size; its metadata (the
+    safetensors header alone) tells it from a float checkpoint.
+    """
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        return None
+    from .checkpoint import resolve
+    from .quantization.io import load_quantized_sam, quantized_format
+
+    path, _ = resolve(checkpoint)
+    if quantized_format(path) is None:
+        return None
+    return load_quantized_sam(path, model_type=model_type)
 
 
 def _assemble(image_encoder: torch.nn.Module, checkpoint, model_type: Optional[str], image_size: int = _IMAGE_SIZE) -> Sam:

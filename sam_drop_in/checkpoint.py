@@ -294,6 +294,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     if is_st:
         from safetensors.torch import load_file
 
+        _refuse_quantized(path)
         try:
             obj = load_file(path, device="cpu")
         except Exception as exc:  # SafetensorError for bad headers, truncation, bad offsets
@@ -322,6 +323,28 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     except ValueError as exc:
         raise CheckpointError(f"{path!r}: {exc}") from None
     return _layouts.strip_prefixes(sd), fmt
+
+
+def _quantized_info(path: str) -> dict | None:
+    """What ``quantization.io.describe_quantized`` says of a quantised sam_drop_in file, else None."""
+    from .quantization.io import describe_quantized
+
+    return describe_quantized(path)
+
+
+def _refuse_quantized(path: str) -> None:
+    """A quantised file holds integer codes, not float weights: say what loads it instead."""
+    q = _quantized_info(path)
+    if q is None:
+        return
+    mt = q["model_type"] or "vit_t"
+    how = (f"sam_model_registry['{mt}'](checkpoint={path!r})" if q["contents"] == "model"
+           else f"quantization.load_quantized({path!r}) as a model's image_encoder")
+    raise CheckpointError(
+        f"{path!r} is a quantised {q['model_type'] or ''} {q['contents']} ({q['recipe']}, written by "
+        "sam_drop_in.quantization): it holds int8 codes and scales, not float weights, so it cannot be loaded into "
+        f"a float model or converted. Load it with {how}; for float weights use the checkpoint it was quantised from"
+    )
 
 
 def _describe(info: dict, layout: str | None) -> str:
@@ -547,12 +570,18 @@ def inspect_checkpoint(source: Source, *, download_timeout: float | None = None)
       (dict): ``model_type`` (str | None), ``layout`` ("segment_anything" | "transformers"),
       ``format`` ("safetensors" | "pickle"), ``num_params`` (int), ``num_tensors`` (int,
       after conversion to segment_anything keys), ``dtype`` (str, e.g. "torch.float32"),
-      ``sha256`` (str, of the file), ``path`` (str, local file), ``size_bytes`` (int).
+      ``sha256`` (str, of the file), ``path`` (str, local file), ``size_bytes`` (int). A
+      quantised file (``quantization.save_quantized``) adds ``quantized`` (str, the recipe);
+      its ``layout`` is "sam_drop_in quantized model" (or "... image encoder") and
+      ``num_params`` counts integer codes and float weights, not scales and zero points.
 
     Raises:
       CheckpointError: as :func:`load_state_dict` (the weights' values are not checked).
     """
     path, _ = resolve(source, download_timeout=download_timeout)
+    quantized = _quantized_info(path)
+    if quantized is not None:
+        return _inspect_quantized(path, quantized)
     sd, fmt = read_state_dict(path)
     out, layout, found = _convert(sd, f"checkpoint {os.fspath(source)!r}")
     dtypes = sorted({str(v.dtype) for v in out.values() if v.is_floating_point()})
@@ -563,6 +592,34 @@ def inspect_checkpoint(source: Source, *, download_timeout: float | None = None)
         "num_params": _num_params(out),
         "num_tensors": len(out),
         "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes),
+        "sha256": _file_sha256(path),
+        "path": path,
+        "size_bytes": os.path.getsize(path),
+    }
+
+
+_ST_DTYPES = {"F32": "torch.float32", "F16": "torch.float16", "BF16": "torch.bfloat16", "I32": "torch.int32",
+              "I8": "torch.int8", "U8": "torch.uint8", "I64": "torch.int64"}
+
+
+def _inspect_quantized(path: str, q: dict) -> dict[str, Any]:
+    """inspect_checkpoint's description of a quantised file (``quantized`` holds its recipe)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        dtypes = sorted({_ST_DTYPES.get(f.get_slice(k).get_dtype(), f.get_slice(k).get_dtype()) for k in f.keys()})
+    # Weights: integer codes and float tensors, not the quantisers' scales and zero points.
+    quant = (".weight_scale", ".scale", ".fine_scale", ".zero_point")
+    count = sum(int(torch.Size(s).numel()) for k, s in shapes.items() if not k.endswith(quant))
+    return {
+        "model_type": q["model_type"],
+        "layout": "sam_drop_in quantized " + q["contents"],
+        "format": "safetensors",
+        "quantized": f"{q['recipe']} (weights {q['weight_bits']} bits, activations {q['act_bits']} bits)",
+        "num_params": count,
+        "num_tensors": len(shapes),
+        "dtype": ",".join(dtypes),
         "sha256": _file_sha256(path),
         "path": path,
         "size_bytes": os.path.getsize(path),

@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
         ("model type", info.get("model_type") or "unknown (not a standard SAM model)"),
         ("layout", info.get("layout")),
         ("format", info.get("format")),
+        ("quantized", info.get("quantized")),
         ("parameters", f"{info['num_params']:,}" if "num_params" in info else None),
         ("tensors", info.get("num_tensors")),
         ("dtype", info.get("dtype")),

@@ -2,7 +2,8 @@
 
 ``calibrate(sam, images, "w8a8")`` returns a ``QuantizedTinyViT`` whose convolutions, linears
 and attention products compute with integer-exact quantised values in float32;
-``save_quantized``/``load_quantized`` store it as safetensors. See docs/quantization.md.
+``save_quantized``/``load_quantized`` store it as safetensors (with the prompt encoder and mask
+decoder when given a ``Sam``: ``sam_model_registry[...](checkpoint=...)`` loads such a file). See docs/quantization.md.
 """
 
 from .calibrate import calibrate, load_calibration_images, preprocess
@@ -16,12 +17,12 @@ from .fake_quant import (
     fake_quant_twin_softmax,
     quantize_weight,
 )
-from .io import load_quantized, save_quantized
+from .io import load_quantized, load_quantized_sam, save_quantized
 from .recipe import RECIPES, W6A6, W8A8, QuantRecipe, get_recipe
 from .tinyvit import QAttention, QuantizedTinyViT
 
 __all__ = [
     "ActQuant", "QAttention", "QConv2d", "QLinear", "QuantRecipe", "QuantizedTinyViT", "RECIPES", "W6A6", "W8A8",
     "calibrate", "dequantize_weight", "fake_quant_affine", "fake_quant_twin_gelu", "fake_quant_twin_softmax",
-    "get_recipe", "load_calibration_images", "load_quantized", "preprocess", "quantize_weight", "save_quantized",
+    "get_recipe", "load_calibration_images", "load_quantized", "load_quantized_sam", "preprocess", "quantize_weight", "save_quantized",
 ]
