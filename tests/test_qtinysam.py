@@ -1,0 +1,225 @@
+"""The safe Q-TinySAM reader (sam_drop_in.quantization.qtinysam) on files built here.
+
+TinySAM's released Q-TinySAM file is ``torch.save`` of a whole model object. The test builds one
+the same way: classes with TinySAM's module paths and names (``tinysam.modeling.*`` and
+``tinysam.quantization_layer.layers.InferQuant*``, registered as fake modules in sys.modules),
+holding a small vit_t model's weights and made-up quantisation intervals, pickled with
+torch.save. The reader must give back exactly those weights and intervals without importing or
+running anything from the file, and refuse what is not on its allow-list.
+"""
+
+import os
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from sam_drop_in._errors import CheckpointError, UnsafeCheckpointError
+from sam_drop_in.build_sam import _build
+from sam_drop_in.quantization.qtinysam import read_qtinysam
+from sam_drop_in.testing import perturbed_state_dict
+
+# Our module (by file) -> TinySAM's module of the same classes.
+_TINYSAM_MODULE = {"tiny_vit": "tinysam.modeling.tiny_vit_sam", "sam": "tinysam.modeling.sam",
+                   "prompt_encoder": "tinysam.modeling.prompt_encoder", "mask_decoder": "tinysam.modeling.mask_decoder",
+                   "transformer": "tinysam.modeling.transformer", "common": "tinysam.modeling.common"}
+LAYERS = "tinysam.quantization_layer.layers"
+
+
+class _Fakes:
+    """Fake modules in sys.modules and classes in them, created on demand."""
+
+    def __init__(self, monkeypatch):
+        self.mp = monkeypatch
+        self.mods = {}
+
+    def cls(self, module, name):
+        if module not in self.mods:
+            parts = module.split(".")
+            for i in range(1, len(parts) + 1):
+                sub = ".".join(parts[:i])
+                if sub not in self.mods:
+                    self.mods[sub] = types.ModuleType(sub)
+                    self.mp.setitem(sys.modules, sub, self.mods[sub])
+        mod = self.mods[module]
+        if not hasattr(mod, name):
+            setattr(mod, name, type(name, (nn.Module,), {"__module__": module, "__qualname__": name}))
+        return getattr(mod, name)
+
+
+def _quant_leaf(fakes, leaf, name, intervals, path):
+    """A TinySAM quantised layer standing for ``leaf`` (nn.Linear / Conv2d / ConvTranspose2d)."""
+    cls = fakes.cls(LAYERS, name)
+    q = cls()
+    q.weight, q.bias = leaf.weight, leaf.bias
+    q.w_bit, q.a_bit, q.mode = 8, 8, "quant_forward"
+    g = torch.Generator().manual_seed(len(intervals))
+    out = leaf.weight.shape[0]
+    bufs = {"w_interval": torch.rand(out, 1, 1, 1, generator=g) * 0.01, "a_interval": torch.rand(1, generator=g)}
+    if name in ("InferQuantLinear", "InferQuantLinearPost"):
+        bufs["w_interval"] = bufs["w_interval"].view(out, 1, 1, 1)
+        bufs.update(n_V=torch.tensor(out, dtype=torch.int32), n_H=torch.tensor(1, dtype=torch.int32),
+                    n_a=torch.tensor(1, dtype=torch.int32))
+    if name == "InferQuantLinearPost":
+        bufs["a_neg_interval"] = torch.tensor(0.16997124254703522 / 128)
+    if name in ("InferQuantConv2d", "InferQuantConvTranspose2d"):
+        bufs["a_bias"] = torch.randn(1, generator=g)
+    for k, v in bufs.items():
+        q.register_buffer(k, v)
+    intervals[path] = {"class": name, **bufs}
+    return q
+
+
+def _matmul(fakes, name, intervals, path):
+    m = fakes.cls(LAYERS, name)()
+    m.A_bit, m.B_bit, m.mode = 8, 8, "quant_forward"
+    bufs = {"A_interval": torch.full((1, 2, 1, 1, 1, 1, 1), 0.05), "B_interval": torch.full((1, 2, 1, 1, 1, 1, 1), 0.07),
+            "n_G_A": torch.tensor(2, dtype=torch.int32)}
+    if name == "InferQuantMatMulPost":
+        bufs["split"] = torch.tensor(0.01)
+    for k, v in bufs.items():
+        m.register_buffer(k, v)
+    intervals[path] = {"class": name, **bufs}
+    return m
+
+
+def _tinysam_like(fakes, m, path="", intervals=None):
+    """A copy of our module tree ``m`` made of TinySAM-named classes; the image encoder's and the
+    decoder upscaling's layers become TinySAM's quantised layers (recorded in ``intervals``)."""
+    in_encoder = path.startswith("image_encoder.")
+    if isinstance(m, nn.Linear) and in_encoder:
+        return _quant_leaf(fakes, m, "InferQuantLinearPost" if path.endswith("fc2.") else "InferQuantLinear",
+                           intervals, path[:-1])
+    if isinstance(m, nn.Conv2d) and in_encoder:
+        return _quant_leaf(fakes, m, "InferQuantConv2d", intervals, path[:-1])
+    if isinstance(m, nn.ConvTranspose2d):
+        return _quant_leaf(fakes, m, "InferQuantConvTranspose2d", intervals, path[:-1])
+    owner = type(m).__module__
+    if owner.startswith("torch.nn") and not m._modules:
+        return m  # a plain torch layer (LayerNorm, GELU, BatchNorm2d, Embedding...), pickled as itself
+    if owner.startswith("torch.nn"):
+        new = type(m)() if isinstance(m, (nn.Sequential, nn.ModuleList)) else None
+    else:
+        new = fakes.cls(_TINYSAM_MODULE[owner.rsplit(".", 1)[1]], type(m).__name__)()
+    if new is None:
+        raise AssertionError(f"unexpected container {type(m)}")
+    for name, p in m._parameters.items():
+        new.register_parameter(name, p)
+    for name, b in m._buffers.items():
+        new.register_buffer(name, b, persistent=name not in m._non_persistent_buffers_set)
+    for name, child in m._modules.items():
+        new.add_module(name, _tinysam_like(fakes, child, f"{path}{name}.", intervals))
+    if type(m).__name__ == "Attention" and owner.endswith("tiny_vit"):
+        # TinySAM's quantised TinyViT attention computes q @ k^T and attn @ v through modules.
+        new.add_module("matmul1", _matmul(fakes, "InferQuantMatMul", intervals, path + "matmul1"))
+        new.add_module("matmul2", _matmul(fakes, "InferQuantMatMulPost", intervals, path + "matmul2"))
+        new.ab = torch.zeros(2, 3)  # an eval-mode cache attribute: a plain tensor, not a weight
+        new.num_heads = m.num_heads
+    return new
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    sam = _build("vit_t", image_size=256).eval()
+    sam.load_state_dict(perturbed_state_dict(sam.state_dict(), seed=5))
+    return sam
+
+
+@pytest.fixture
+def released(model, tmp_path, monkeypatch):
+    fakes = _Fakes(monkeypatch)
+    intervals = {}
+    obj = _tinysam_like(fakes, model, "", intervals)
+    path = tmp_path / "tinysam_w8a8.pth"
+    torch.save(obj, path)
+    return path, intervals, fakes
+
+
+def test_reads_weights_and_intervals_without_tinysam(model, released, monkeypatch):
+    path, intervals, fakes = released
+    # The reader must not need (or import) TinySAM: remove the fake modules before reading.
+    for name in fakes.mods:
+        monkeypatch.delitem(sys.modules, name)
+    q = read_qtinysam(path)
+    assert not any(name.startswith("tinysam") for name in sys.modules)
+    # Contract: the float weights come back exactly, under segment_anything's keys (the
+    # non-persistent attention_bias_idxs and the eval cache `ab` left out, as state_dict does).
+    want = model.state_dict()
+    assert q.state_dict.keys() == want.keys()
+    assert all(torch.equal(q.state_dict[k], want[k]) for k in want)
+    # Every quantised layer's released buffers, verbatim, with its class and bits.
+    assert q.intervals.keys() == intervals.keys()
+    for p, rec in intervals.items():
+        got = q.intervals[p]
+        assert got["class"] == rec["class"]
+        for k, v in rec.items():
+            if k != "class":
+                assert torch.equal(got[k], v), (p, k)
+        assert (got.get("w_bit", got.get("A_bit")), got.get("a_bit", got.get("B_bit"))) == (8, 8)
+    fc2 = "image_encoder.layers.1.blocks.0.mlp.fc2"
+    assert q.intervals[fc2]["class"] == "InferQuantLinearPost" and "a_neg_interval" in q.intervals[fc2]
+    assert q.intervals["image_encoder.layers.1.blocks.0.attn.matmul2"]["class"] == "InferQuantMatMulPost"
+    assert q.intervals["mask_decoder.output_upscaling.0"]["class"] == "InferQuantConvTranspose2d"
+    assert q.recipe_name() == "w8a8"
+    # The weights load into our vit_t model strictly.
+    fresh = _build("vit_t", image_size=256)
+    q.load_into(fresh)
+    assert all(torch.equal(fresh.state_dict()[k], want[k]) for k in want)
+    meta = q.metadata()
+    assert meta["converted_from"] == "Q-TinySAM tinysam_w8a8.pth" and fc2 in meta["qtinysam_intervals"]
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": _RunsCode(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"asks for (posix|os|nt)\.system.*Nothing from the file was executed"):
+        read_qtinysam(path)
+    assert not marker.exists()
+
+
+def test_class_outside_the_allow_list_is_named(model, tmp_path, monkeypatch):
+    fakes = _Fakes(monkeypatch)
+    root = fakes.cls("tinysam.modeling.sam", "Sam")()
+    root.add_module("extra", fakes.cls("mypackage.layers", "CustomLayer")())
+    path = tmp_path / "custom.pth"
+    torch.save(root, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"mypackage\.layers\.CustomLayer.*safetensors\.torch\.save_file"):
+        read_qtinysam(path)
+
+
+class _CallsAllowedClass:
+    def __reduce__(self):
+        return (sys.modules["tinysam.modeling.sam"].Sam, ("arg",))
+
+
+def test_calling_an_allowed_class_is_refused(tmp_path, monkeypatch):
+    # A class on the allow-list is only ever a record; a pickle that calls it (REDUCE) is refused.
+    _Fakes(monkeypatch).cls("tinysam.modeling.sam", "Sam")
+    torch.save(_CallsAllowedClass(), tmp_path / "call.pth")
+    with pytest.raises(UnsafeCheckpointError, match=r"calls tinysam\.modeling\.sam\.Sam\(\.\.\.\)"):
+        read_qtinysam(tmp_path / "call.pth")
+
+
+def test_not_a_model_or_damaged(released, tmp_path):
+    path = released[0]
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="not a torch zip checkpoint|truncated or corrupt"):
+        read_qtinysam(cut)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "sd.pth")
+    with pytest.raises(CheckpointError, match="does not hold a pickled TinySAM model"):
+        read_qtinysam(tmp_path / "sd.pth")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_qtinysam(tmp_path / "nope.pth")
