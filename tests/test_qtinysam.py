@@ -223,3 +223,42 @@ def test_not_a_model_or_damaged(released, tmp_path):
         read_qtinysam(tmp_path / "sd.pth")
     with pytest.raises(CheckpointError, match="does not exist"):
         read_qtinysam(tmp_path / "nope.pth")
+
+
+def test_quantize_command_from_qtinysam(model, released, tmp_path, capsys):
+    # sam-drop-in quantize --from-qtinysam: the exact float weights, our calibration (bits from
+    # the released layers: w8a8), the released intervals kept in the file's metadata.
+    import json
+
+    from PIL import Image
+    from skimage import data
+
+    from sam_drop_in import cli, quantization as Q, sam_model_registry
+    from sam_drop_in.quantization.io import read_metadata
+
+    path, intervals, _ = released
+    Image.fromarray(data.rocket()[::8, ::8]).save(tmp_path / "calib.png")
+    out = tmp_path / "q.safetensors"
+    code = cli.main(["quantize", "--from-qtinysam", str(path), "--calib", str(tmp_path / "calib.png"),
+                     "--search-rows", "32", "--output", str(out), "--device", "cpu", "-q"])
+    assert code == 0, capsys.readouterr().err
+    qsam = sam_model_registry["vit_t"](checkpoint=str(out))
+    assert isinstance(qsam.image_encoder, Q.QuantizedTinyViT) and qsam.image_encoder.recipe.name == "w8a8"
+    want = model.mask_decoder.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in qsam.mask_decoder.state_dict().items())
+    meta = read_metadata(out)
+    assert meta["converted_from"] == "Q-TinySAM tinysam_w8a8.pth"
+    kept = json.loads(meta["qtinysam_intervals"])
+    fc2 = "image_encoder.layers.1.blocks.0.mlp.fc2"
+    assert kept[fc2]["a_interval"] == intervals[fc2]["a_interval"].tolist()
+    # The command refuses an unsafe file (status 2, the global named, nothing run) and a
+    # conflicting --checkpoint.
+    marker = tmp_path / "ran"
+    torch.save(_RunsCode(marker), tmp_path / "evil.pth")
+    assert cli.main(["quantize", "--from-qtinysam", str(tmp_path / "evil.pth"), "--calib", str(tmp_path / "calib.png"),
+                     "--output", str(tmp_path / "e.safetensors")]) == 2
+    assert "system, which is not on the Q-TinySAM reader's allow-list" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "e.safetensors").exists()
+    assert cli.main(["quantize", "--from-qtinysam", str(path), "--checkpoint", "x", "--calib", str(tmp_path),
+                     "--output", str(out)]) == 2
+    assert "give one" in capsys.readouterr().err

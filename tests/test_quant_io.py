@@ -182,3 +182,95 @@ def test_save_refuses_what_is_not_quantised(model, tmp_path):
     with pytest.raises(ValueError, match="not calibrated"):
         Q.save_quantized(raw, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# sam-drop-in quantize
+
+
+@pytest.fixture(scope="module")
+def float_ckpt(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("f") / "vit_t.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib_dir(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("calib")
+    Image.fromarray(data.rocket()[::8, ::8]).save(folder / "rocket.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_quantize_command_writes_a_loadable_model(model, float_ckpt, calib_dir, tmp_path, capsys):
+    from sam_drop_in import cli
+    from sam_drop_in.cli._common import load_model
+
+    out = tmp_path / "q6.safetensors"
+    # --search-rows keeps the search small (the command calibrates at the model's 1024 pixels).
+    code = cli.main(["quantize", "--model-type", "vit_t", "--checkpoint", str(float_ckpt), "--calib", str(calib_dir),
+                     "--bits", "6", "--search-rows", "32", "--output", str(out), "--device", "cpu", "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith(f"quantize: vit_t w6a6, 1 calibration image, ")
+    qsam = sam_model_registry["vit_t"](checkpoint=str(out))
+    assert isinstance(qsam.image_encoder, Q.QuantizedTinyViT)
+    assert qsam.image_encoder.recipe == dataclasses.replace(Q.W6A6, max_search_rows=32)
+    assert all(torch.equal(v, model.mask_decoder.state_dict()[k]) for k, v in qsam.mask_decoder.state_dict().items())
+    # The other commands take the file as --checkpoint; info says what it is.
+    loaded, found, _ = load_model(None, str(out), "cpu")
+    assert found == "vit_t" and isinstance(loaded.image_encoder, Q.QuantizedTinyViT)
+    assert cli.main(["info", str(out)]) == 0
+    assert "quantized:  w6a6 (weights 6 bits, activations 6 bits)" in capsys.readouterr().out
+
+
+def test_quantize_command_bad_input(float_ckpt, calib_dir, tmp_path, capsys):
+    from sam_drop_in import cli
+
+    def run(*args):
+        code = cli.main(["quantize", "--checkpoint", str(float_ckpt), *map(str, args)])
+        return code, capsys.readouterr().err
+
+    out = tmp_path / "q.safetensors"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"not a png")
+    cases = [
+        (["--calib", tmp_path / "nope", "--output", out], "no such file or directory"),
+        (["--calib", empty, "--output", out], "contains no image files"),
+        (["--calib", bad, "--output", out], "cannot read .*broken.png.* remove it from the calibration images"),
+        (["--output", out], "--calib is required"),
+        (["--calib", calib_dir, "--output", tmp_path / "missing" / "q.safetensors"], "folder .* does not exist"),
+        (["--calib", calib_dir, "--output", tmp_path], "is a directory"),
+        (["--calib", calib_dir, "--search-rows", "0", "--output", out], "--search-rows must be at least 1"),
+    ]
+    import re
+
+    for args, message in cases:
+        code, err = run(*args)
+        assert code == 2 and re.search(message, err), (args, err)
+        assert err.startswith("sam-drop-in: error: ") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_quantize_command_in_a_subprocess(float_ckpt, tmp_path):
+    # The installed entry point (python -m sam_drop_in) knows the command and reports bad input
+    # as one line with status 2 before loading anything; the calibration itself runs in-process
+    # above (a second calibration here would double this file's time).
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "empty").mkdir()
+    env = dict(os.environ)
+    env.pop("SAM_DROP_IN_DEBUG", None)
+    res = subprocess.run([sys.executable, "-m", "sam_drop_in", "quantize", "--checkpoint", str(float_ckpt),
+                          "--calib", str(tmp_path / "empty"), "--output", str(tmp_path / "q.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 2
+    assert res.stderr == f"sam-drop-in: error: directory '{tmp_path / 'empty'}' contains no image files\n"
+    assert not (tmp_path / "q.safetensors").exists()

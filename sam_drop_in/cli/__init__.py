@@ -1,5 +1,5 @@
 """The ``sam-drop-in`` command (also ``python -m sam_drop_in``): segment, everything, convert,
-info, export-onnx, distill, serve (``sam-drop-in --help`` lists them; docs/cli.md describes them).
+info, export-onnx, distill, serve, quantize (``sam-drop-in --help`` lists them; docs/cli.md describes them).
 
 A command module has ``register(subparsers)`` (adds its sub-parser) and ``run(args) -> int``;
 it raises ``CliError(message, code)`` from ``_common`` for anything the user must fix. A new
@@ -21,7 +21,7 @@ from ._common import EXIT_FAILED, EXIT_USAGE, PROG, CliError, env_debug, one_lin
 
 __all__ = ["main", "build_parser", "CliError", "COMMANDS"]
 
-COMMANDS = ("segment", "everything", "convert", "info", "export_onnx", "distill", "serve")
+COMMANDS = ("segment", "everything", "convert", "info", "export_onnx", "distill", "serve", "quantize")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -269,13 +269,22 @@ def load_model(model_type: Optional[str], checkpoint: Optional[str], device_name
         checkpoint = ckpt_mod.default_checkpoint(requested or "vit_t")
     quiet_hub_logging()
     try:
-        state_dict = ckpt_mod.load_state_dict(checkpoint)
-        found = detect_model_type(state_dict)
+        from ..quantization.io import describe_quantized
+
+        quantized = describe_quantized(ckpt_mod.resolve(checkpoint)[0])
+        if quantized is None:
+            state_dict = ckpt_mod.load_state_dict(checkpoint)
+            found = detect_model_type(state_dict)
+        else:  # a quantised model file (sam-drop-in quantize): the registry builds it whole
+            found = quantized["model_type"]
         if requested is not None and found != requested:
             raise CliError(f"checkpoint '{checkpoint}' holds a {found} model but --model-type is {model_type}; "
                            f"pass --model-type {found} (or leave --model-type out: it is read from the checkpoint)")
-        sam = sam_model_registry[found]()
-        ckpt_mod.load_into(sam, state_dict)
+        if quantized is None:
+            sam = sam_model_registry[found]()
+            ckpt_mod.load_into(sam, state_dict)
+        else:
+            sam = sam_model_registry[found](checkpoint=checkpoint)
     except CheckpointError as exc:
         if defaulted:
             raise CliError(

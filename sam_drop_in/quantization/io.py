@@ -139,7 +139,7 @@ def _tensors(module: nn.Module, prefix: str = "") -> Dict[str, torch.Tensor]:
     return {prefix + k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def save_quantized(model: nn.Module, path) -> None:
+def save_quantized(model: nn.Module, path, extra_metadata: Optional[Dict[str, str]] = None) -> None:
     """Write a quantised model or encoder to ``path`` (safetensors), atomically: the file is
     the old one or the whole new one, never partial.
 
@@ -150,6 +150,8 @@ def save_quantized(model: nn.Module, path) -> None:
         ``sam_model_registry[...](checkpoint=path)`` loads; or the quantised encoder itself -> an
         encoder-only file (``ENCODER_FORMAT``), which ``load_quantized`` reads.
       path (str or Path): destination file.
+      extra_metadata (dict(str, str) or None): more metadata entries (provenance, say); they may
+        not replace the ones this function writes.
     """
     from safetensors.torch import save_file
 
@@ -175,6 +177,12 @@ def save_quantized(model: nn.Module, path) -> None:
         tensors = _tensors(qenc, "image_encoder.")
         tensors.update(_tensors(sam.prompt_encoder, "prompt_encoder."))
         tensors.update(_tensors(sam.mask_decoder, "mask_decoder."))
+    for key, value in (extra_metadata or {}).items():
+        if key in metadata or key in ("format", "model_type", "image_size"):
+            raise ValueError(f"extra_metadata may not set {key!r}")
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError("extra_metadata must map str to str")
+        metadata[key] = value
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
