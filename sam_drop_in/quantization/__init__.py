@@ -18,11 +18,12 @@ from .fake_quant import (
     quantize_weight,
 )
 from .io import load_quantized, load_quantized_sam, save_quantized
+from .qtinysam import QTinySAM, read_qtinysam
 from .recipe import RECIPES, W6A6, W8A8, QuantRecipe, get_recipe
 from .tinyvit import QAttention, QuantizedTinyViT
 
 __all__ = [
-    "ActQuant", "QAttention", "QConv2d", "QLinear", "QuantRecipe", "QuantizedTinyViT", "RECIPES", "W6A6", "W8A8",
+    "ActQuant", "QAttention", "QTinySAM", "QConv2d", "QLinear", "QuantRecipe", "QuantizedTinyViT", "RECIPES", "W6A6", "W8A8",
     "calibrate", "dequantize_weight", "fake_quant_affine", "fake_quant_twin_gelu", "fake_quant_twin_softmax",
-    "get_recipe", "load_calibration_images", "load_quantized", "load_quantized_sam", "preprocess", "quantize_weight", "save_quantized",
+    "get_recipe", "load_calibration_images", "load_quantized", "load_quantized_sam", "preprocess", "quantize_weight", "read_qtinysam", "save_quantized",
 ]
