@@ -213,7 +213,12 @@ def test_calling_an_allowed_class_is_refused(tmp_path, monkeypatch):
 
 
 def test_not_a_model_or_damaged(released, tmp_path):
-    path = released[0]
+    path, _, fakes = released
+    loop = fakes.cls("tinysam.modeling.sam", "Sam")()
+    loop.add_module("again", loop)
+    torch.save(loop, tmp_path / "loop.pth")
+    with pytest.raises(CheckpointError, match="appears twice in the module tree"):
+        read_qtinysam(tmp_path / "loop.pth")
     cut = tmp_path / "cut.pth"
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="not a torch zip checkpoint|truncated or corrupt"):

@@ -229,9 +229,14 @@ def _unpickle(path: str) -> Any:
 
         def read_record(key: str) -> bytes:
             try:
-                return archive.read(f"{prefix}data/{key}")
+                info = archive.getinfo(f"{prefix}data/{key}")
             except KeyError:
                 raise CheckpointError(f"{path!r}: the pickle refers to storage {key}, which the archive lacks") from None
+            # torch.save stores records uncompressed; a compressed one could inflate without bound.
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise CheckpointError(f"{path!r}: storage record {key} is compressed, which torch.save never "
+                                      "writes; the file was repacked or is not a torch checkpoint")
+            return archive.read(info)
 
         try:
             return _SafeUnpickler(archive.read(pkl[0]), read_record, path).load()
@@ -292,8 +297,14 @@ class QTinySAM:
                 "qtinysam_intervals": json.dumps(intervals, sort_keys=True)}
 
 
-def _walk(obj: _Held, prefix: str, weights: Dict[str, torch.Tensor], intervals: Dict[str, Dict[str, Any]]) -> None:
+def _walk(obj: _Held, prefix: str, weights: Dict[str, torch.Tensor], intervals: Dict[str, Dict[str, Any]],
+          seen: Optional[Set[int]] = None) -> None:
     """state_dict-like walk of the held module tree; quantised layers' other buffers to ``intervals``."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:  # a pickle can make a module its own descendant; a model never is
+        raise CheckpointError(f"module {prefix.rstrip('.') or 'root'} appears twice in the module tree (a cycle "
+                              "or a shared module); not a model this reader converts")
+    seen.add(id(obj))
     d = obj.__dict__
     params = d.get("_parameters") or {}
     buffers = d.get("_buffers") or {}
@@ -321,7 +332,7 @@ def _walk(obj: _Held, prefix: str, weights: Dict[str, torch.Tensor], intervals: 
             continue
         if not isinstance(child, _Held):
             raise CheckpointError(f"module {prefix + name} is a {type(child).__name__}, not a module record")
-        _walk(child, f"{prefix}{name}.", weights, intervals)
+        _walk(child, f"{prefix}{name}.", weights, intervals, seen)
 
 
 def read_qtinysam(path) -> QTinySAM:
