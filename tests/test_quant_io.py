@@ -122,6 +122,13 @@ def test_mismatch_and_damage_are_checkpoint_errors(qfile, tmp_path):
         sam_model_registry["vit_t"](checkpoint=str(vit_b))
     with pytest.raises(CheckpointError, match="quantised vit_t model, but a vit_b model"):
         sam_model_registry["vit_b"](checkpoint=str(qfile))
+    # Dispatch on the architecture's kind: a "vit" file goes to quantization.vit (an error that
+    # says so while that module is missing; with it, this made-up architecture cannot be built).
+    with pytest.raises(CheckpointError, match="quantised ViT .* cannot build|cannot build the recorded architecture"):
+        sam_model_registry["vit_b"](checkpoint=str(vit_b))
+    with pytest.raises(CheckpointError, match="unknown quantised encoder kind 'mamba'"):
+        sam_model_registry["vit_t"](checkpoint=str(_rewrite(qfile, tmp_path / "k.safetensors",
+                                                            architecture=json.dumps({"kind": "mamba"}))))
     with pytest.raises(CheckpointError, match="format version '9'"):
         sam_model_registry["vit_t"](checkpoint=str(_rewrite(qfile, tmp_path / "v9.safetensors", format_version="9")))
     # Cut short: the header is intact (still recognised as quantised), the tensor data is not.
@@ -224,6 +231,16 @@ def test_quantize_command_writes_a_loadable_model(model, float_ckpt, calib_dir, 
     assert found == "vit_t" and isinstance(loaded.image_encoder, Q.QuantizedTinyViT)
     assert cli.main(["info", str(out)]) == 0
     assert "quantized:  w6a6 (weights 6 bits, activations 6 bits)" in capsys.readouterr().out
+
+
+def test_quantize_command_help(capsys):
+    from sam_drop_in import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["quantize", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "sam-drop-in quantize" in out and "--calib" in out and "--from-qtinysam" in out
 
 
 def test_quantize_command_bad_input(float_ckpt, calib_dir, tmp_path, capsys):

@@ -234,8 +234,9 @@ def _build_encoder(arch: Dict, recipe: QuantRecipe, state: Dict[str, torch.Tenso
     body_arch = {k: v for k, v in arch.items() if k != "kind"} if _kind(arch) == "tiny_vit" else arch
     try:
         qenc = module.build_from_arch(body_arch, recipe)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{str(path)!r}: cannot build the recorded architecture {arch} ({exc})") from None
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{str(path)!r}: cannot build the recorded architecture {arch} ({exc!r}); the file "
+                              "is damaged or was written by another version of sam_drop_in") from None
     _load_strict(qenc, state, path, "quantised image encoder")
     # The codes and scales are loaded: no float weight, every quantiser calibrated.
     for m in qenc.quant_modules():
