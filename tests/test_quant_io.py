@@ -231,6 +231,10 @@ def test_quantize_command_writes_a_loadable_model(model, float_ckpt, calib_dir, 
     assert found == "vit_t" and isinstance(loaded.image_encoder, Q.QuantizedTinyViT)
     assert cli.main(["info", str(out)]) == 0
     assert "quantized:  w6a6 (weights 6 bits, activations 6 bits)" in capsys.readouterr().out
+    # Quantising a quantised file again is refused before any work.
+    assert cli.main(["quantize", "--checkpoint", str(out), "--calib", str(calib_dir), "--output",
+                     str(tmp_path / "again.safetensors")]) == 2
+    assert "is already quantised (w6a6); pass the float checkpoint" in capsys.readouterr().err
 
 
 def test_quantize_command_help(capsys):

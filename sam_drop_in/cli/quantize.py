@@ -103,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
     out = _output(args.output)
     arrays = _calibration_images(args.calib)
     sam, model_type, source, released = _model(args)
+    if hasattr(sam.image_encoder, "recipe"):
+        raise CliError(f"'{args.checkpoint}' is already quantised ({sam.image_encoder.recipe.name}); pass the float "
+                       "checkpoint it was made from")
     recipe = _recipe(args, released.recipe_name() if released is not None else None)
     extra = released.metadata() if released is not None else None
 

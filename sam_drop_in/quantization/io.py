@@ -155,10 +155,11 @@ def save_quantized(model: nn.Module, path, extra_metadata: Optional[Dict[str, st
     """
     from safetensors.torch import save_file
 
+    encoder = getattr(model, "image_encoder", None)
     if _is_quantized_encoder(model):
         qenc, sam = model, None
-    elif _is_quantized_encoder(getattr(model, "image_encoder", None) or nn.Module()):
-        qenc, sam = model.image_encoder, model
+    elif encoder is not None and _is_quantized_encoder(encoder):
+        qenc, sam = encoder, model
     else:
         raise TypeError(f"save_quantized takes a Sam with a quantised image_encoder, or a quantised encoder "
                         f"(from quantization.calibrate); got {type(model).__name__}")
