@@ -341,7 +341,7 @@ def _refuse_quantized(path: str) -> None:
     how = (f"sam_model_registry['{mt}'](checkpoint={path!r})" if q["contents"] == "model"
            else f"quantization.load_quantized({path!r}) as a model's image_encoder")
     raise CheckpointError(
-        f"{path!r} is a quantised {q['model_type'] or ''} {q['contents']} ({q['recipe']}, written by "
+        f"{path!r} is a quantised {q['model_type'] or 'SAM'} {q['contents']} ({q['recipe']}, written by "
         "sam_drop_in.quantization): it holds int8 codes and scales, not float weights, so it cannot be loaded into "
         f"a float model or converted. Load it with {how}; for float weights use the checkpoint it was quantised from"
     )
