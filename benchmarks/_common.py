@@ -13,10 +13,6 @@ from typing import Callable, Iterator, List, Optional
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
 warnings.filterwarnings("ignore", module="timm")
 warnings.filterwarnings("ignore", message=".*Overwriting tiny_vit.*")
 

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from skimage import data
 
     from sam_drop_in import SamPredictor, quantization
-    from sam_drop_in.build_sam import _build
+    from sam_drop_in.build_sam import build_sam_sized
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--image-size", type=int, default=1024)
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
-    sam = _build("vit_t", image_size=args.image_size).eval()
+    sam = build_sam_sized("vit_t", image_size=args.image_size).eval()
     sam.load_state_dict(perturbed_state_dict(sam.state_dict(), seed=0))
     calib = [data.rocket(), data.immunohistochemistry(), data.hubble_deep_field()]
     evals = load_images()

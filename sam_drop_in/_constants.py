@@ -20,3 +20,10 @@ def normalize_model_type(model_type: Optional[str]) -> Optional[str]:
     if model_type is None:
         return None
     return MODEL_TYPE_ALIASES.get(model_type, model_type)
+
+
+def registry_model_type(key: str) -> str:
+    """The model type of a ``sam_model_registry`` key; ValueError naming the keys otherwise."""
+    if key not in REGISTRY_KEYS:
+        raise ValueError(f"Unknown model type {key!r}: choose one of {', '.join(REGISTRY_KEYS)}.")
+    return MODEL_TYPE_ALIASES.get(key, key)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from sam_drop_in.testing import perturbed_state_dict
-from sam_drop_in.build_sam import _build
+from sam_drop_in.build_sam import build_sam_sized
 from sam_drop_in.modeling import common, tiny_vit
 
 EPS = torch.finfo(torch.float32).eps
@@ -43,7 +43,7 @@ class _Spy:
 def test_pieces_equal_whole_image(monkeypatch, image_size, strip_bytes):
     """Default pieces at SAM's size; the smallest strips (many, uneven last one) at another."""
     torch.manual_seed(0)
-    model = _build("vit_t", image_size=image_size).eval()
+    model = build_sam_sized("vit_t", image_size=image_size).eval()
     model.load_state_dict(perturbed_state_dict(model.state_dict(), seed=2))
     x = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(common, "PIECES_MAX_THREADS", 1 << 10)  # pieces at any thread count
@@ -72,7 +72,7 @@ def test_pieces_equal_whole_image(monkeypatch, image_size, strip_bytes):
 
 def test_training_and_gradients_take_the_whole_path():
     """With gradients recorded nothing is overwritten in place: backward works."""
-    model = _build("vit_t", image_size=256)
+    model = build_sam_sized("vit_t", image_size=256)
     x = torch.randn(1, 3, 256, 256, requires_grad=True)
     model.image_encoder.eval()
     model.image_encoder(x).sum().backward()

@@ -30,7 +30,7 @@ from sam_drop_in.testing import (
 )
 from sam_drop_in import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator, SamPredictor
 from sam_drop_in.batch import ImageEmbedding, embed_images, set_embedding
-from sam_drop_in.build_sam import _build
+from sam_drop_in.build_sam import build_sam_sized
 from sam_drop_in.modeling._fast_decoder import ImageSide
 from sam_drop_in.modeling.image_decoder import ImageDecoder
 from sam_drop_in.precision import MODES, _Boundary, _cast, entry_points, optimize
@@ -50,12 +50,12 @@ def coffee():
 @pytest.fixture(scope="module")
 def sd():
     torch.manual_seed(0)
-    return perturbed_state_dict(_build("vit_t", image_size=SIZE).state_dict(), seed=1)
+    return perturbed_state_dict(build_sam_sized("vit_t", image_size=SIZE).state_dict(), seed=1)
 
 
 def _model(sd, mode, device="cpu"):
     """vit_t at SIZE with weights ``sd`` on ``device`` in ``mode``; fp16 also on CPU."""
-    m = _build("vit_t", image_size=SIZE)
+    m = build_sam_sized("vit_t", image_size=SIZE)
     m.load_state_dict(sd)
     return model_in_mode(m, mode, device)
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import sam_drop_in
-from sam_drop_in.build_sam import _build
+from sam_drop_in.build_sam import build_sam_sized
 
 from sam_drop_in.testing import load_image, perturbed_state_dict
 
@@ -31,7 +31,7 @@ CALLS_PER_THREAD = 20  # 40 set_image + predict pairs in all
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    sam = _build("vit_t", image_size=256)
+    sam = build_sam_sized("vit_t", image_size=256)
     sam.load_state_dict(perturbed_state_dict(sam.state_dict(), seed=3))
     return sam.eval()
 

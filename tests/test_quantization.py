@@ -8,7 +8,7 @@ from skimage import data
 from sam_drop_in.testing import perturbed_state_dict
 from sam_drop_in import SamPredictor, quantization as Q
 from sam_drop_in._errors import CheckpointError, InputError
-from sam_drop_in.build_sam import _build
+from sam_drop_in.build_sam import build_sam_sized
 
 
 def _int_reference_linear(x, s_x, z_x, qw, s_w, bias, bits):
@@ -87,7 +87,7 @@ def test_twin_uniform_formulas():
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    sam = _build("vit_t", image_size=256).eval()
+    sam = build_sam_sized("vit_t", image_size=256).eval()
     sam.load_state_dict(perturbed_state_dict(sam.state_dict(), seed=1))
     return sam
 

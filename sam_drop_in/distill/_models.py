@@ -18,43 +18,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._constants import PIXEL_MEAN, PIXEL_STD, REGISTRY_KEYS, normalize_model_type
+from .._constants import PIXEL_MEAN, PIXEL_STD, registry_model_type
+from ..build_sam import build_sam_sized
+from ..checkpoint import load_state_dict
 from ..utils.transforms import ResizeLongestSide
 
 DEFAULT_IMAGE_SIZE = 1024
 PATCH_SIZE = 16
 PROMPT_EMBED_DIM = 256
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-MODEL_TYPES = REGISTRY_KEYS  # what the distillation command line accepts
-
-
-def _canonical_type(model_type: str) -> str:
-    if model_type not in REGISTRY_KEYS:
-        raise ValueError(f"Unknown model type {model_type!r}: choose one of {', '.join(REGISTRY_KEYS)}.")
-    return normalize_model_type(model_type)
-
-
-def build_sam_sized(model_type: str, image_size: int = DEFAULT_IMAGE_SIZE, checkpoint: Optional[str] = None) -> nn.Module:
-    """Build a SAM model of ``model_type`` for a square input of ``image_size``.
-
-    Arguments:
-      model_type (str): one of default, vit_h, vit_l, vit_b, vit_t.
-      image_size (int): input side in pixels; 1024 is the published size. Must be a multiple of 64.
-      checkpoint (str or None): local or ``hf://`` weights, loaded strictly; None keeps random
-        weights. A mismatch (e.g. a ViT position embedding trained at another size) raises
-        CheckpointError, a ValueError naming the keys or shapes.
-
-    Returns:
-      Sam: the model in eval mode, same state-dict keys as segment_anything's.
-    """
-    from sam_drop_in.build_sam import _build
-
-    model_type = _canonical_type(model_type)
-    if image_size % 64 != 0 or image_size <= 0:
-        raise ValueError(f"image_size must be a positive multiple of 64, got {image_size}.")
-    return _build(model_type, checkpoint=None if checkpoint is None else str(checkpoint), image_size=image_size)
-
 
 def read_state_dict(checkpoint: str, model_type: str) -> Dict[str, torch.Tensor]:
     """Read a checkpoint (local path or ``hf://``) as a segment_anything-layout state dict.
@@ -66,9 +38,7 @@ def read_state_dict(checkpoint: str, model_type: str) -> Dict[str, torch.Tensor]
     Returns:
       dict[str, Tensor]: state dict in segment_anything layout.
     """
-    from sam_drop_in.checkpoint import load_state_dict
-
-    return load_state_dict(str(checkpoint), model_type=_canonical_type(model_type))
+    return load_state_dict(str(checkpoint), model_type=registry_model_type(model_type))
 
 
 def load_sam(
@@ -90,7 +60,7 @@ def load_sam(
     Returns:
       Sam: in eval mode on ``device``.
     """
-    sam = build_sam_sized(model_type, image_size, checkpoint)
+    sam = build_sam_sized(model_type, image_size, None if checkpoint is None else str(checkpoint))
     sam.to(device)
     sam.eval()
     return sam

@@ -9,6 +9,7 @@ from typing import Dict, Optional
 
 import torch
 
+from .._constants import registry_model_type
 from .._fileio import sha256_file
 from . import _models
 from .store import FORMAT, MANIFEST, META, SHARD_DIR, atomic_write_json, iter_batches, read_manifest, shard_name
@@ -58,7 +59,7 @@ def embed_folder(
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be at least 1.")
-    model_type = _models._canonical_type(model_type)
+    model_type = registry_model_type(model_type)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_p = Path(out)
     (out_p / SHARD_DIR).mkdir(parents=True, exist_ok=True)
