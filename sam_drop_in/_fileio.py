@@ -5,6 +5,7 @@ in the same folder, then an atomic ``os.replace``), and a file's identity is its
 """
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +21,16 @@ def sha256_file(path: PathLike, chunk: int = 1 << 22) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json_object(path: PathLike) -> dict:
+    """The JSON object in a file; an empty dict when the file is missing, unreadable or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 def atomic_write(dst: PathLike, write: Callable[[str], None]) -> None:

@@ -12,7 +12,6 @@ To pick up a newer upload to a branch, pin the new revision or delete the cached
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -25,7 +24,7 @@ from urllib.parse import unquote
 
 from ._constants import MODEL_TYPES
 from ._errors import CheckpointError, CheckpointNotFoundError
-from ._fileio import sha256_file
+from ._fileio import read_json_object, sha256_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -576,19 +575,11 @@ def resolve_repo(repo_id: str, revision: str | None) -> tuple[str, dict]:
       (tuple[str, dict]): local path of the weights file, and the sam-drop-in config
       (empty dict when the repo has none).
     """
-    config: dict = {}
     cfg_path = _try_download(repo_id, "config.json", revision)
-    if cfg_path is not None:
-        try:
-            with open(cfg_path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except (OSError, ValueError):
-            raw = {}
-        # Only our own config names a file; a transformers config.json does not.
-        if isinstance(raw, dict) and isinstance(raw.get("weights"), str):
-            config = raw
-            if config.get("model_type") not in (None, *MODEL_TYPES):
-                config = {}
+    config = {} if cfg_path is None else read_json_object(cfg_path)
+    # Only our own config names a file; a transformers config.json does not.
+    if not isinstance(config.get("weights"), str) or config.get("model_type") not in (None, *MODEL_TYPES):
+        config = {}
     if config:
         return download(repo_id, config["weights"], revision), config
     path = _try_download(repo_id, "model.safetensors", revision)

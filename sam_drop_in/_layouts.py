@@ -134,8 +134,7 @@ def detect_model_type(state_dict: Mapping[str, torch.Tensor]) -> str | None:
       (str | None): one of ``"vit_h"``, ``"vit_l"``, ``"vit_b"``, ``"vit_t"``, or None when
       the encoder is missing or not a standard variant (SlimSAM's pruned widths, say).
     """
-    info = describe_encoder(state_dict)
-    return info["model_type"]
+    return describe_encoder(state_dict)["model_type"]
 
 
 def describe_encoder(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -249,12 +248,7 @@ def transformers_to_segment_anything(state_dict: Mapping[str, torch.Tensor]) -> 
         m = _HF_MLP.match(key)
         if m:
             base, part, idx, rest = m.groups()
-            if part == "proj_in":
-                i = 0
-            elif part == "proj_out":
-                i = n_hidden.get(base, 0) + 1
-            else:
-                i = int(idx) + 1
+            i = 0 if part == "proj_in" else n_hidden.get(base, 0) + 1 if part == "proj_out" else int(idx) + 1
             out[f"{base}.layers.{i}.{rest}"] = value
             continue
         new = key
@@ -315,11 +309,7 @@ def key_diff(
     """
     have, want = set(state_dict), set(expected)
     missing, unexpected = sorted(want - have), sorted(have - want)
-    parts = []
-    if missing:
-        more = f" and {len(missing) - limit} more" if len(missing) > limit else ""
-        parts.append(f"{len(missing)} missing keys ({', '.join(missing[:limit])}{more})")
-    if unexpected:
-        more = f" and {len(unexpected) - limit} more" if len(unexpected) > limit else ""
-        parts.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:limit])}{more})")
+    parts = [f"{len(keys)} {kind} keys ({', '.join(keys[:limit])}"
+             + (f" and {len(keys) - limit} more)" if len(keys) > limit else ")")
+             for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
     return missing, unexpected, "; ".join(parts)

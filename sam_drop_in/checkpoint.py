@@ -17,11 +17,8 @@ Weights must be floating point, and finite unless allowed (``allow_non_finite=Tr
 ``SAM_DROP_IN_ALLOW_NON_FINITE=1``). Hub fetches run under an overall deadline
 (``download_timeout=`` or ``SAM_DROP_IN_DOWNLOAD_TIMEOUT``, default 1800 s).
 
-Errors: every failure raises :class:`CheckpointError`. It subclasses ``ValueError`` (the
-file's content is wrong for the request) and ``RuntimeError`` (what ``torch``'s strict
-``load_state_dict`` raised in segment_anything, so existing ``except RuntimeError``
-handlers keep working). :class:`CheckpointNotFoundError` (missing local file, Hub repo,
-revision or file) is also a ``FileNotFoundError``, as ``open(checkpoint)`` was upstream.
+Errors: every failure raises :class:`CheckpointError` or a subclass (``_errors.py`` says which
+built-in exceptions each one also is, so that upstream's handlers keep catching them).
 """
 
 from __future__ import annotations
@@ -40,7 +37,7 @@ import torch
 from . import _hub, _layouts
 from ._constants import MODEL_TYPES, normalize_model_type
 from ._errors import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
-from ._fileio import atomic_write, sha256_file
+from ._fileio import atomic_write, read_json_object, sha256_file
 from ._layouts import SEGMENT_ANYTHING
 from ._manifest import MANIFEST, MODEL_CARD_TEMPLATE, default_checkpoint, entries, find
 from ._version import __version__
@@ -66,10 +63,6 @@ Source = Union[str, "os.PathLike[str]"]
 ALLOW_NON_FINITE_ENV = "SAM_DROP_IN_ALLOW_NON_FINITE"
 # The files convert() writes into its output folder, config.json (the commit marker) last.
 _CONVERTED_FILES = ("model.safetensors", "README.md", "config.json")
-
-
-def _registry_hint(model_type: str) -> str:
-    return f"sam_model_registry['{model_type}']"
 
 
 def resolve(source: Source, *, download_timeout: float | None = None) -> tuple[str, dict]:
@@ -118,19 +111,10 @@ def resolve(source: Source, *, download_timeout: float | None = None) -> tuple[s
         weights = os.path.join(path, "model.safetensors")
         if not os.path.isfile(weights):
             raise CheckpointError(f"{path!r} is a directory without model.safetensors; pass the weights file itself")
-        config = _read_local_config(path)
+        config = read_json_object(os.path.join(path, "config.json"))
         _verify_weights(weights, config, f"converted folder {path!r}")
         return weights, config
     return path, {}
-
-
-def _read_local_config(folder: str) -> dict:
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            raw = json.load(f)
-        return raw if isinstance(raw, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 # (real path, size, mtime_ns) -> sha256: a file is hashed once per process, not on every load.
@@ -450,7 +434,7 @@ def _checked(sd: dict[str, torch.Tensor], origin: str, model_type: str | None,
     if model_type is not None and found != model_type:
         raise CheckpointError(
             f"{origin}: this is a {found} checkpoint, but a {model_type} model was requested; "
-            f"use {_registry_hint(found)}(checkpoint=...)"
+            f"use sam_model_registry['{found}'](checkpoint=...)"
         )
     missing = [p for p in ("image_encoder.", "prompt_encoder.", "mask_decoder.") if not any(k.startswith(p) for k in out)]
     if missing:
@@ -729,7 +713,10 @@ def convert(
     num_params = _num_params(tensors)
     converter = f"sam-drop-in {__version__}"
 
-    entry = find(*_hub_file(src)) if _hub.is_hf_uri(src) else None
+    entry = None
+    if _hub.is_hf_uri(src):
+        loc = _hub.parse_hf_uri(str(src))
+        entry = find(loc.repo_id, loc.path)
     known = entry or next((e for e in MANIFEST if e["model_type"] == found), {})
     card = MODEL_CARD_TEMPLATE.format(
         license=(known.get("license") or "other").lower(),
@@ -774,7 +761,3 @@ def convert(
             raise CheckpointError(_hub.push_error_message(exc, dst, push_to_hub)) from exc
     return weights
 
-
-def _hub_file(src: Source) -> tuple[str, str | None]:
-    loc = _hub.parse_hf_uri(str(src))
-    return loc.repo_id, loc.path
