@@ -19,12 +19,15 @@ CNOS and others do) changes what it would change upstream. The work differs only
 
 import math
 import numbers
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ._errors import InputError
+from ._validation import check_image
+from .modeling import Sam
+from .predictor import SamPredictor
 from .utils.amg import (
     MaskData,
     batch_iterator,
@@ -45,20 +48,11 @@ from .utils.amg import (
     uncrop_points,
 )
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .modeling import Sam
-
 _OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
 # Full-resolution float logits of this many masks exist at once while upsampling survivors
 # (each is 4 MB at the 1024x1024 intermediate size): bounded memory, still batched.
 _UPSAMPLE_CHUNK = 16
-
-
-def _make_predictor(model: "Sam") -> Any:
-    from .predictor import SamPredictor
-
-    return SamPredictor(model)
 
 
 def _is_int(value: Any) -> bool:
@@ -74,26 +68,9 @@ def _is_real(value: Any) -> bool:
         return False
 
 
-def _check_fraction(name: str, value: Any, meaning: str) -> None:
-    if not _is_real(value) or not 0.0 <= value <= 1.0:
-        raise InputError(f"{name} must be a number in [0, 1] ({meaning}), got {value!r}.")
-
-
-def _check_generator_args(
-    points_per_side: Optional[Any],
-    points_per_batch: Any,
-    pred_iou_thresh: Any,
-    stability_score_thresh: Any,
-    stability_score_offset: Any,
-    box_nms_thresh: Any,
-    crop_n_layers: Any,
-    crop_nms_thresh: Any,
-    crop_overlap_ratio: Any,
-    crop_n_points_downscale_factor: Any,
-    point_grids: Optional[List[np.ndarray]],
-    min_mask_region_area: Any,
-    output_mode: str,
-) -> None:
+def _check_generator_args(points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
+                          stability_score_offset, box_nms_thresh, crop_n_layers, crop_nms_thresh, crop_overlap_ratio,
+                          crop_n_points_downscale_factor, point_grids, min_mask_region_area, output_mode) -> None:
     """Refuse options that upstream would crash on later (ZeroDivisionError, IndexError, ...) or
     that silently keep nothing, with a message naming the option. InputError is a ValueError and
     an AssertionError, so handlers written for upstream's asserts still catch it."""
@@ -135,10 +112,12 @@ def _check_generator_args(
                 )
     if not _is_int(points_per_batch) or points_per_batch <= 0:
         raise InputError(f"points_per_batch must be a positive integer, got {points_per_batch!r}.")
-    _check_fraction("pred_iou_thresh", pred_iou_thresh, "0 keeps every predicted IoU")
-    _check_fraction("stability_score_thresh", stability_score_thresh, "0 keeps every stability score")
-    _check_fraction("box_nms_thresh", box_nms_thresh, "a box IoU; 1 keeps every box")
-    _check_fraction("crop_nms_thresh", crop_nms_thresh, "a box IoU; 1 keeps every box")
+    for name, value, meaning in (("pred_iou_thresh", pred_iou_thresh, "0 keeps every predicted IoU"),
+                                 ("stability_score_thresh", stability_score_thresh, "0 keeps every stability score"),
+                                 ("box_nms_thresh", box_nms_thresh, "a box IoU; 1 keeps every box"),
+                                 ("crop_nms_thresh", crop_nms_thresh, "a box IoU; 1 keeps every box")):
+        if not _is_real(value) or not 0.0 <= value <= 1.0:
+            raise InputError(f"{name} must be a number in [0, 1] ({meaning}), got {value!r}.")
     if not _is_real(stability_score_offset) or stability_score_offset < 0:
         raise InputError(f"stability_score_offset must be a number >= 0 (a logit shift), got {stability_score_offset!r}.")
     if not _is_real(crop_overlap_ratio) or not 0.0 <= crop_overlap_ratio < 1.0:
@@ -156,7 +135,7 @@ def _check_generator_args(
 class SamAutomaticMaskGenerator:
     def __init__(
         self,
-        model: "Sam",
+        model: Sam,
         points_per_side: Optional[int] = 32,
         points_per_batch: int = 64,
         pred_iou_thresh: float = 0.88,
@@ -217,7 +196,7 @@ class SamAutomaticMaskGenerator:
         else:
             self.point_grids = point_grids
 
-        self.predictor = _make_predictor(model)
+        self.predictor = SamPredictor(model)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -248,19 +227,13 @@ class SamAutomaticMaskGenerator:
             crop_box (list of 4 numbers, XYWH). bbox and crop_box hold ints, or floats where
             upstream's would (a batch or crop that kept no mask makes its tensors float32).
         """
-        image = self._check_image(image)
+        image = check_image(image, "RGB")
         mask_data = self._generate_masks(image)
         if self.min_mask_region_area > 0:
             mask_data = self.postprocess_small_regions(
                 mask_data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
             )
         return mask_data_to_records(mask_data, self.output_mode)
-
-    @staticmethod
-    def _check_image(image: np.ndarray) -> np.ndarray:
-        from ._validation import check_image
-
-        return check_image(image, "RGB")
 
     def _generate_masks(self, image: np.ndarray) -> MaskData:
         """
@@ -322,12 +295,7 @@ class SamAutomaticMaskGenerator:
         points_for_image = self.point_grids[crop_layer_idx] * points_scale
 
         data = MaskData()
-        batches = batch_iterator(self.points_per_batch, points_for_image)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, total=-(-len(points_for_image) // self.points_per_batch), desc="decoding prompts", unit="batch")
-        for (points,) in batches:
+        for (points,) in self._batches(points_for_image):
             data.cat(self._process_batch(points, cropped_size, crop_box, orig_size))
         self.predictor.reset_image()
 
@@ -338,6 +306,15 @@ class SamAutomaticMaskGenerator:
         # promotes every crop's boxes to float32 in the concatenation: upstream's record types.
         data["crop_boxes"] = torch.tensor([crop_box for _ in range(len(data["rles"]))])
         return data
+
+    def _batches(self, points: np.ndarray):
+        """``batch_iterator`` over points_per_batch points, with a tqdm bar when ``progress`` is set."""
+        batches = batch_iterator(self.points_per_batch, points)
+        if not self.progress:
+            return batches
+        from tqdm.auto import tqdm  # tqdm is a dependency; imported only when a bar is asked for
+
+        return tqdm(batches, total=-(-len(points) // self.points_per_batch), desc="decoding prompts", unit="batch")
 
     def _process_batch(
         self,

@@ -9,17 +9,16 @@ first) and one box NMS at ``box_nms_thresh`` removes duplicates. Where the spars
 explains the image, most of the dense grid is never decoded.
 """
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from ._errors import InputError
+from ._validation import check_image
+from .modeling import Sam
 from .automatic_mask_generator import SamAutomaticMaskGenerator
-from .utils.amg import MaskData, batch_iterator, box_nms, build_point_grid, mask_data_to_records
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .modeling import Sam
+from .utils.amg import MaskData, box_nms, build_point_grid, mask_data_to_records
 
 # Dense-grid offsets (dx, dy), in strides, around each sparse point, in TinySAM's order: the
 # 3x3 neighbourhood without its centre (dx outer), then the column at dx=+2, the row at dy=+2
@@ -35,7 +34,7 @@ _OFFSETS = (
 class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
     def __init__(
         self,
-        model: "Sam",
+        model: Sam,
         points_per_side: Optional[int] = 32,
         points_per_batch: int = 64,
         pred_iou_thresh: float = 0.88,
@@ -88,22 +87,9 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
                 "Use SamAutomaticMaskGenerator for crops."
             )
         super().__init__(
-            model,
-            points_per_side=points_per_side,
-            points_per_batch=points_per_batch,
-            pred_iou_thresh=pred_iou_thresh,
-            stability_score_thresh=stability_score_thresh,
-            stability_score_offset=stability_score_offset,
-            box_nms_thresh=box_nms_thresh,
-            crop_n_layers=0,
-            crop_nms_thresh=crop_nms_thresh,
-            crop_overlap_ratio=crop_overlap_ratio,
-            crop_n_points_downscale_factor=crop_n_points_downscale_factor,
-            point_grids=None,
-            min_mask_region_area=min_mask_region_area,
-            output_mode=output_mode,
-            decode_batch_size=decode_batch_size,
-            progress=progress,
+            model, points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh, stability_score_offset,
+            box_nms_thresh, 0, crop_nms_thresh, crop_overlap_ratio, crop_n_points_downscale_factor, None,
+            min_mask_region_area, output_mode, decode_batch_size=decode_batch_size, progress=progress,
         )
         self.points_per_side = points_per_side
         self.high_score_thresh = high_score_thresh
@@ -126,7 +112,7 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
             area, bbox XYWH, predicted_iou, point_coords [[x, y]], stability_score), with
             crop_box = [0, 0, W, H], the whole image.
         """
-        image = self._check_image(image)
+        image = check_image(image, "RGB")
         ih, iw = image.shape[:2]
         whole = [0, 0, iw, ih]
         self.predictor.set_image(image)
@@ -163,12 +149,7 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
                 points=torch.zeros(0, 2, dtype=torch.float64), stability_score=torch.zeros(0, device=device),
             )
         data = MaskData()
-        batches = batch_iterator(self.points_per_batch, points)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, total=-(-len(points) // self.points_per_batch), desc="decoding prompts", unit="batch")
-        for (batch,) in batches:
+        for (batch,) in self._batches(points):
             data.cat(self._filtered_batch(batch, size, whole, size, covered, self.high_score_thresh))
         return data
 
