@@ -18,6 +18,7 @@ Needs the ``onnx`` extra: ``pip install sam-drop-in[onnx]``. The command line is
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .onnx_predictor import METADATA_PREFIX, session_metadata
 from .utils.onnx import SamEncoderOnnxModel, SamOnnxModel
 
 __all__ = [
@@ -65,8 +67,6 @@ def _export_ready(model: nn.Module) -> Iterator[nn.Module]:
     """Yield a float32 CPU model in eval mode; restore the caller's model state afterwards."""
     param = next(model.parameters())
     if param.device.type != "cpu" or param.dtype != torch.float32:
-        import copy
-
         # Exported weights must be float32 whatever the caller runs in; copy rather than move
         # so the caller's model stays where it is.
         model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
@@ -136,7 +136,7 @@ def _set_metadata(path: str, metadata: Dict[str, Any]) -> None:
     del proto.metadata_props[:]
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
-        entry.key = f"sam_drop_in.{key}"
+        entry.key = METADATA_PREFIX + key
         entry.value = json.dumps(value)
     proto.producer_name = "sam_drop_in"
     onnx.save(proto, path)
@@ -159,6 +159,32 @@ def _decoder_example_inputs(model: nn.Module) -> Dict[str, torch.Tensor]:
         "has_mask_input": torch.tensor([1.0]),
         "orig_im_size": torch.tensor([1500.0, 2250.0]),
     }
+
+
+def _export(wrapper: nn.Module, inputs: Dict[str, torch.Tensor], output_names, dynamic_axes, path: str, opset: int,
+            metadata: Dict[str, Any], check_run: bool = False) -> None:
+    """torch.onnx.export (TorchScript exporter) into a temporary file, metadata, then into place."""
+    with _atomic_output(path) as tmp, _quiet_export():
+        torch.onnx.export(wrapper, tuple(inputs.values()), tmp, dynamo=False, export_params=True, opset_version=opset,
+                          do_constant_folding=True, input_names=list(inputs), output_names=output_names,
+                          dynamic_axes=dynamic_axes)
+        _set_metadata(tmp, {**metadata, "opset": int(opset)})
+        if check_run:
+            # Refuse to publish a file ONNX Runtime cannot run (when it is installed).
+            try:
+                session = _make_session(tmp)
+            except ImportError:
+                return
+            session.run(None, {k: v.numpy() for k, v in inputs.items()})
+
+
+def _report(path: str, opset: int, quantize_out: Optional[str], **extra: Any) -> Dict[str, Any]:
+    report: Dict[str, Any] = {"path": os.fspath(path), "opset": opset, **extra, "quantized_path": None}
+    if quantize_out is not None:
+        quantize(path, quantize_out)
+        report["quantized_path"] = os.fspath(quantize_out)
+        report["agreement"] = quantization_agreement(path, quantize_out)
+    return report
 
 
 def export_decoder(
@@ -210,49 +236,22 @@ def export_decoder(
         try:
             inputs = _decoder_example_inputs(model)
             output_names = DECODER_EXTRA_OUTPUT_NAMES if return_extra_metrics else DECODER_OUTPUT_NAMES
-            with _atomic_output(path) as tmp, _quiet_export():
-                torch.onnx.export(
-                    wrapper,
-                    tuple(inputs.values()),
-                    tmp,
-                    dynamo=False,
-                    export_params=True,
-                    opset_version=opset,
-                    do_constant_folding=True,
-                    input_names=list(inputs.keys()),
-                    output_names=output_names,
-                    dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}},
-                )
-                _set_metadata(
-                    tmp,
-                    {
-                        "kind": "decoder",
-                        "img_size": int(model.image_encoder.img_size),
-                        "mask_threshold": float(model.mask_threshold),
-                        "return_single_mask": bool(return_single_mask),
-                        "use_stability_score": bool(use_stability_score),
-                        "return_extra_metrics": bool(return_extra_metrics),
-                        "gelu_approximate": bool(gelu_approximate),
-                        "num_mask_tokens": int(model.mask_decoder.num_mask_tokens),
-                        "opset": int(opset),
-                    },
-                )
-                # Refuse to publish a file ONNX Runtime cannot run (when it is installed).
-                try:
-                    session = _make_session(tmp)
-                except ImportError:
-                    session = None
-                if session is not None:
-                    session.run(None, {k: v.numpy() for k, v in inputs.items()})
+            metadata = {
+                "kind": "decoder",
+                "img_size": int(model.image_encoder.img_size),
+                "mask_threshold": float(model.mask_threshold),
+                "return_single_mask": bool(return_single_mask),
+                "use_stability_score": bool(use_stability_score),
+                "return_extra_metrics": bool(return_extra_metrics),
+                "gelu_approximate": bool(gelu_approximate),
+                "num_mask_tokens": int(model.mask_decoder.num_mask_tokens),
+            }
+            axes = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+            _export(wrapper, inputs, output_names, axes, path, opset, metadata, check_run=True)
         finally:
             for m, approx in zip(gelus, saved):
                 m.approximate = approx
-    report: Dict[str, Any] = {"path": os.fspath(path), "opset": opset, "quantized_path": None}
-    if quantize_out is not None:
-        quantize(path, quantize_out)
-        report["quantized_path"] = os.fspath(quantize_out)
-        report["agreement"] = quantization_agreement(path, quantize_out)
-    return report
+    return _report(path, opset, quantize_out)
 
 
 def export_encoder(
@@ -294,41 +293,15 @@ def export_encoder(
         else:
             example = torch.randn(1, 3, size, size)
             name, axes = "x", {"x": {0: "batch"}, "image_embeddings": {0: "batch"}}
-        with _atomic_output(path) as tmp, _quiet_export():
-            torch.onnx.export(
-                wrapper,
-                (example,),
-                tmp,
-                dynamo=False,
-                export_params=True,
-                opset_version=opset,
-                do_constant_folding=True,
-                input_names=[name],
-                output_names=["image_embeddings"],
-                dynamic_axes=axes,
-            )
-            _set_metadata(
-                tmp,
-                {
-                    "kind": "encoder",
-                    "img_size": int(size),
-                    "include_preprocessing": bool(include_preprocessing),
-                    "pixel_mean": [float(v) for v in model.pixel_mean.flatten()],
-                    "pixel_std": [float(v) for v in model.pixel_std.flatten()],
-                    "opset": int(opset),
-                },
-            )
-    report: Dict[str, Any] = {
-        "path": os.fspath(path),
-        "opset": opset,
-        "include_preprocessing": include_preprocessing,
-        "quantized_path": None,
-    }
-    if quantize_out is not None:
-        quantize(path, quantize_out)
-        report["quantized_path"] = os.fspath(quantize_out)
-        report["agreement"] = quantization_agreement(path, quantize_out)
-    return report
+        metadata = {
+            "kind": "encoder",
+            "img_size": int(size),
+            "include_preprocessing": bool(include_preprocessing),
+            "pixel_mean": [float(v) for v in model.pixel_mean.flatten()],
+            "pixel_std": [float(v) for v in model.pixel_std.flatten()],
+        }
+        _export(wrapper, {name: example}, ["image_embeddings"], axes, path, opset, metadata)
+    return _report(path, opset, quantize_out, include_preprocessing=include_preprocessing)
 
 
 def quantize(model_path: str, output_path: str) -> str:
@@ -352,9 +325,9 @@ def quantize(model_path: str, output_path: str) -> str:
         raise ImportError(f"{_INSTALL_HINT} (onnxruntime.quantization: {e})") from e
     onnx = _require("onnx")
     metadata = {
-        p.key[len("sam_drop_in."):]: json.loads(p.value)
+        p.key[len(METADATA_PREFIX):]: json.loads(p.value)
         for p in onnx.load(model_path, load_external_data=False).metadata_props
-        if p.key.startswith("sam_drop_in.")
+        if p.key.startswith(METADATA_PREFIX)
     }
     with _atomic_output(output_path) as tmp, _quiet_export():
         quantize_dynamic(
@@ -368,11 +341,6 @@ def quantize(model_path: str, output_path: str) -> str:
         metadata["quantized"] = "int8-dynamic"
         _set_metadata(tmp, metadata)
     return os.fspath(output_path)
-
-
-def _metadata_of(session) -> Dict[str, Any]:
-    raw = session.get_modelmeta().custom_metadata_map
-    return {k[len("sam_drop_in."):]: json.loads(v) for k, v in raw.items() if k.startswith("sam_drop_in.")}
 
 
 def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -398,7 +366,7 @@ def quantization_agreement(float_path: str, quant_path: str, seed: int = 0) -> D
       (dict[str, float]): the figures above.
     """
     f_sess, q_sess = _make_session(float_path), _make_session(quant_path)
-    meta = _metadata_of(f_sess)
+    meta = session_metadata(f_sess)
     rng = np.random.default_rng(seed)
     if meta.get("kind") == "encoder":
         size = int(meta.get("img_size", 1024))

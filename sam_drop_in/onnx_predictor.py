@@ -29,6 +29,8 @@ from .utils.transforms import ResizeLongestSide
 
 __all__ = ["SamOnnxPredictor", "ResizeLongestSideNumpy"]
 
+# Keys of the metadata that onnx_export writes into every file (metadata_props, JSON values).
+METADATA_PREFIX = "sam_drop_in."
 
 
 def _import_onnxruntime():
@@ -45,13 +47,10 @@ def _import_onnxruntime():
 ResizeLongestSideNumpy = ResizeLongestSide
 
 
-def _metadata(session) -> Dict[str, Any]:
+def session_metadata(session) -> Dict[str, Any]:
+    """The ``sam_drop_in.*`` metadata of an ONNX Runtime session: prefix removed, values decoded."""
     raw = session.get_modelmeta().custom_metadata_map
-    out = {}
-    for key, value in raw.items():
-        if key.startswith("sam_drop_in."):
-            out[key[len("sam_drop_in."):]] = json.loads(value)
-    return out
+    return {k[len(METADATA_PREFIX):]: json.loads(v) for k, v in raw.items() if k.startswith(METADATA_PREFIX)}
 
 
 PathOrBytes = Union[str, "os.PathLike[str]", bytes]
@@ -98,8 +97,8 @@ class SamOnnxPredictor(PredictorState):
 
         self.encoder_session = session(encoder_path)
         self.decoder_session = session(decoder_path)
-        enc_meta = _metadata(self.encoder_session)
-        dec_meta = _metadata(self.decoder_session)
+        enc_meta = session_metadata(self.encoder_session)
+        dec_meta = session_metadata(self.decoder_session)
         for meta, expected, path in ((enc_meta, "encoder", encoder_path), (dec_meta, "decoder", decoder_path)):
             if meta.get("kind", expected) != expected:
                 raise ValueError(
