@@ -156,11 +156,12 @@ def test_train_lowers_loss_and_exports_registry_vit_t(ws, trained):
 
 def test_eval_trained_student_agrees_better_with_teacher(ws, trained, capsys):
     from sam_drop_in.distill.cli import main
-    from sam_drop_in.distill.train import _head_state, build_student, export_student
+    from sam_drop_in.distill._models import read_head_state
+    from sam_drop_in.distill.train import build_student, export_student
 
     out, r = trained
     init = ws["root"] / "init_vit_t.safetensors"
-    export_student(build_student(SIZE, _head_state(ws["teacher"], "vit_b"), seed=0), str(init))
+    export_student(build_student(SIZE, read_head_state(ws["teacher"], "vit_b"), seed=0), str(init))
     common = ["--embeddings", str(ws["root"] / "store_pair"), "--points", "12", "--boxes", "12"]
     assert main(["eval", "--student", str(init), *common]) == 0
     before = json.loads(capsys.readouterr().out)
@@ -219,10 +220,11 @@ def test_full_stage_losses_and_decoder_finetuning(ws):
 def test_hard_prompt_sampling_adds_points_in_disagreement(ws):
     from sam_drop_in.distill.losses import decode, hard_prompt_sampling
     from sam_drop_in.distill.store import EmbeddingStore
-    from sam_drop_in.distill.train import _head_state, build_student
+    from sam_drop_in.distill._models import read_head_state
+    from sam_drop_in.distill.train import build_student
 
     store = EmbeddingStore(str(ws["root"] / "store_pair"))
-    head = _head_state(ws["teacher"], "vit_b")
+    head = read_head_state(ws["teacher"], "vit_b")
     teacher = build_student(SIZE, head, seed=1)
     student = build_student(SIZE, head, seed=2)
     t_emb = store.embedding(0)[None]

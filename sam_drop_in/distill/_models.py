@@ -41,6 +41,15 @@ def read_state_dict(checkpoint: str, model_type: str) -> Dict[str, torch.Tensor]
     return load_state_dict(str(checkpoint), model_type=registry_model_type(model_type))
 
 
+def read_head_state(checkpoint: str, model_type: str) -> Dict[str, torch.Tensor]:
+    """The prompt_encoder.* and mask_decoder.* tensors of a checkpoint (see :func:`read_state_dict`)."""
+    sd = read_state_dict(checkpoint, model_type)
+    head = {k: v for k, v in sd.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
+    if not head:
+        raise ValueError(f"{checkpoint} holds no prompt_encoder.*/mask_decoder.* weights.")
+    return head
+
+
 def load_sam(
     model_type: str,
     checkpoint: Optional[str] = None,

@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
+from ..cli import main as cli_main
+
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``sam-drop-in distill ARGV``.
@@ -17,6 +19,4 @@ def main(argv: Optional[List[str]] = None) -> int:
     Returns:
       int: exit status (0 on success, 2 on bad input).
     """
-    from ..cli import main as cli_main
-
     return cli_main(["distill", *(sys.argv[1:] if argv is None else argv)])

@@ -10,7 +10,7 @@ from typing import Dict, Optional
 import torch
 
 from .._constants import registry_model_type
-from .._fileio import sha256_file
+from .._fileio import atomic_write, sha256_file
 from . import _models
 from .store import FORMAT, MANIFEST, META, SHARD_DIR, atomic_write_json, iter_batches, read_manifest, shard_name
 
@@ -93,13 +93,8 @@ def embed_folder(
     done = read_manifest(out_p)
     # Rewrite the manifest with only its complete, valid lines, so that lines appended below
     # never join a line torn by an earlier crash.
-    tmp_manifest = out_p / (MANIFEST + ".tmp")
-    with open(tmp_manifest, "w") as f:
-        for r in done:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_manifest, out_p / MANIFEST)
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in done)
+    atomic_write(out_p / MANIFEST, lambda tmp: Path(tmp).write_text(text))
     done_paths = {r["path"] for r in done}
     next_index = max((r["index"] for r in done), default=-1) + 1
     next_shard = max((int(r["shard"][-18:-12]) for r in done), default=-1) + 1
@@ -138,10 +133,8 @@ def embed_folder(
                     tensors[line["key"]] = e.to(_DTYPES[dtype]).cpu().contiguous()
                 bar.update(len(batch))
                 computed += len(batch)
-            final = out_p / shard_name(next_shard)
-            tmp = final.with_name(final.name + ".tmp")
-            save_file(tensors, str(tmp), metadata={"format": FORMAT})
-            os.replace(tmp, final)
+            shard = out_p / shard_name(next_shard)
+            atomic_write(shard, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
             for line in lines:
                 manifest.write(json.dumps(line, sort_keys=True) + "\n")
             manifest.flush()

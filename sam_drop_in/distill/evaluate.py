@@ -149,9 +149,7 @@ def evaluate_files(
     if tck is None:
         raise ValueError("The store records no teacher checkpoint; pass --teacher-checkpoint.")
     teacher = _models.build_sam_sized("vit_t", size)
-    sd = _models.read_state_dict(tck, tmeta["model_type"])
-    head = {k: v for k, v in sd.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
-    missing, unexpected = teacher.load_state_dict(head, strict=False)
+    missing, unexpected = teacher.load_state_dict(_models.read_head_state(tck, tmeta["model_type"]), strict=False)
     if unexpected or any(not k.startswith("image_encoder.") for k in missing):
         raise ValueError(f"teacher checkpoint {tck} has no usable prompt encoder / mask decoder")
     return evaluate(student, teacher, store, n_points, n_boxes, seed, device, limit)

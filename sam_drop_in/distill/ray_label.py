@@ -17,12 +17,13 @@ actor), which spreads the work over every node of a Ray cluster. Ray is optional
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 
+from .._fileio import atomic_write
+from ..automatic_mask_generator import SamAutomaticMaskGenerator
 from . import _models
 
 
@@ -36,12 +37,6 @@ def _import_ray():
             "Without --ray the same labelling runs in this process."
         ) from exc
     return ray
-
-
-def _generator_class():
-    from sam_drop_in.automatic_mask_generator import SamAutomaticMaskGenerator
-
-    return SamAutomaticMaskGenerator
 
 
 def _jsonable(v: Any) -> Any:
@@ -88,7 +83,7 @@ class Labeler:
         sam = _models.load_sam(model_type, checkpoint, device=device)
         kwargs = dict(amg_kwargs or {})
         kwargs["output_mode"] = "coco_rle"
-        self.generator = _generator_class()(sam, **kwargs)
+        self.generator = SamAutomaticMaskGenerator(sam, **kwargs)
 
     def label(self, rel_path: str) -> Dict[str, Any]:
         """Label one image; returns the JSON-ready record described in the module docstring."""
@@ -152,21 +147,23 @@ def label_folder(
         raise ValueError(f"No images found in {images}.")
     out_p = Path(out)
     out_p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_p.with_name(out_p.name + ".tmp")
-    n_masks = 0
     ctor = dict(image_root=root, model_type=model_type, checkpoint=checkpoint, amg_kwargs=amg_kwargs,
                 device=device, num_threads=num_threads)
-    with open(tmp, "w") as f:
+    n_masks = [0]
+
+    def write(tmp: str) -> None:
         if use_ray:
             records: Iterable[str] = _ray_records(paths, ctor, num_actors, batch_size, num_gpus_per_actor, ray_address)
         else:
             labeler = Labeler(**ctor)
             records = (json.dumps(labeler.label(p)) for p in paths)
-        for line in tqdm(records, total=len(paths), disable=not progress, desc="label", unit="img"):
-            n_masks += len(json.loads(line)["annotations"])
-            f.write(line + "\n")
-    os.replace(tmp, out_p)
-    return {"images": len(paths), "masks": n_masks, "out": str(out_p)}
+        with open(tmp, "w") as f:
+            for line in tqdm(records, total=len(paths), disable=not progress, desc="label", unit="img"):
+                n_masks[0] += len(json.loads(line)["annotations"])
+                f.write(line + "\n")
+
+    atomic_write(out_p, write)
+    return {"images": len(paths), "masks": n_masks[0], "out": str(out_p)}
 
 
 def _ray_records(paths, ctor, num_actors, batch_size, num_gpus_per_actor, ray_address) -> Iterable[str]:

@@ -15,11 +15,12 @@ the manifest refers to; a rerun carries on after the last complete shard.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import torch
+
+from .._fileio import atomic_write
 
 FORMAT = "sam-drop-in-embeddings/1"
 META = "meta.json"
@@ -32,12 +33,7 @@ def shard_name(shard: int) -> str:
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True)))
 
 
 class EmbeddingStore:

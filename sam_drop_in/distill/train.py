@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .._fileio import sha256_file
+from .._fileio import atomic_write, sha256_file
 from . import _models
 from .losses import (
     FullStageWeights,
@@ -207,14 +207,6 @@ class _PlanSampler(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------- models
 
 
-def _head_state(checkpoint: str, model_type: str) -> Dict[str, torch.Tensor]:
-    sd = _models.read_state_dict(checkpoint, model_type)
-    head = {k: v for k, v in sd.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
-    if not head:
-        raise ValueError(f"{checkpoint} holds no prompt_encoder.*/mask_decoder.* weights.")
-    return head
-
-
 def build_student(
     image_size: int,
     head_state: Dict[str, torch.Tensor],
@@ -331,9 +323,7 @@ def save_checkpoint(path: Path, step: int, model: nn.Module, optimizer, schedule
         "scaler": json.dumps(scaler.state_dict() if scaler is not None and scaler.is_enabled() else {}),
         "config": json.dumps(dataclasses.asdict(cfg), default=str),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler) -> int:
@@ -378,10 +368,8 @@ def export_student(sam: nn.Module, path: str) -> None:
     from safetensors.torch import save_file
 
     sd = {k: v.detach().cpu().contiguous() for k, v in sam.state_dict().items()}
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt", "model_type": "vit_t", "producer": "sam-drop-in distill"})
-    os.replace(tmp, p)
+    meta = {"format": "pt", "model_type": "vit_t", "producer": "sam-drop-in distill"}
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
 
 
 # ----------------------------------------------------------------------------- training
@@ -469,12 +457,12 @@ def _train(cfg: TrainConfig, world: int, rank: int, local: int) -> Dict:
             "The store's teacher had random weights and no checkpoint; pass --teacher-checkpoint or "
             "--decoder-from so the student gets a prompt encoder and mask decoder."
         )
-    head = _head_state(head_src, head_type)
+    head = _models.read_head_state(head_src, head_type)
     student = build_student(image_size, head, init=cfg.init, seed=cfg.seed)
     teacher_head = None
     if cfg.full_stage:
         teacher_head = _models.build_sam_sized("vit_t", image_size)
-        teacher_head.load_state_dict(_head_state(cfg.teacher_checkpoint or teacher_meta.get("checkpoint") or head_src,
+        teacher_head.load_state_dict(_models.read_head_state(cfg.teacher_checkpoint or teacher_meta.get("checkpoint") or head_src,
                                                  teacher_meta["model_type"]), strict=False)
         teacher_head.eval()
     module = DistillModule(student, teacher_head, cfg).to(device)
