@@ -7,7 +7,7 @@ command is one module plus its name in ``COMMANDS``.
 
 Exit status: 0 success; 1 some image failed (the others are still processed) or the work
 itself failed; 2 bad input. Every error is one line on stderr (SAM_DROP_IN_DEBUG=1: the
-traceback instead). Only the standard library is imported here; torch when a command runs.
+traceback instead). A command's model code is imported when the command runs.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from .._errors import CheckpointError, InputError
+from .._version import __version__
 from ._common import EXIT_FAILED, EXIT_USAGE, PROG, CliError, env_debug, one_line
 
 __all__ = ["main", "build_parser", "CliError", "COMMANDS"]
@@ -26,8 +28,6 @@ COMMANDS = ("segment", "everything", "convert", "info", "export_onnx", "distill"
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``sam-drop-in`` argument parser: every module in ``COMMANDS`` registers its command."""
-    from .._version import __version__
-
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Segment Anything from the command line: prompted masks, everything mode, checkpoints, "
@@ -58,8 +58,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Returns:
       (int): exit status: 0 success, 1 some image or the work failed, 2 bad input.
     """
-    from .._errors import CheckpointError, InputError
-
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
     if getattr(args, "_run", None) is None:

@@ -1,7 +1,8 @@
 """What every ``sam-drop-in`` command shares: the error type and exit statuses, reading images,
 writing outputs, the model options, device resolution, model loading, progress and the summary.
 
-Standard library only at import time (``sam-drop-in --help`` must not import torch).
+The model code, PIL and tqdm are imported inside the functions that use them, so building the
+parser costs little beyond ``import sam_drop_in``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .._constants import MODEL_TYPES, REGISTRY_KEYS, normalize_model_type
+from .._errors import CheckpointError, InputError
+from .._fileio import atomic_write
 
 PROG = "sam-drop-in"
 RANDOM = "random"
@@ -110,8 +113,6 @@ def read_image(path: Path):
 def on_image(path: Path, fn, *args, **kwargs):
     """``fn(*args, **kwargs)``: the model's work on one input image. An image the model cannot
     take (too thin to resize, for one: InputError or ValueError) fails that image only."""
-    from .._errors import InputError
-
     try:
         return fn(*args, **kwargs)
     except (InputError, ValueError) as exc:
@@ -132,8 +133,6 @@ def report_failure(message: str) -> None:
 def write_json(obj: Any, path: Path, indent: Optional[int] = None) -> None:
     import numpy as np
 
-    from .._fileio import atomic_write
-
     def default(o: Any) -> Any:
         if isinstance(o, (np.generic, np.ndarray)):
             return o.tolist()
@@ -153,8 +152,6 @@ def save_png(picture, path: Path) -> None:
     ``cv2.imwrite(mask * 255)``)."""
     import numpy as np
     from PIL import Image
-
-    from .._fileio import atomic_write
 
     if not isinstance(picture, Image.Image):
         picture = Image.fromarray(np.asarray(picture, dtype=np.uint8) * 255, mode="L")
@@ -252,7 +249,6 @@ def load_model(model_type: Optional[str], checkpoint: Optional[str], device_name
         raise CliError(f"unknown --model-type {model_type!r}; expected one of {', '.join(REGISTRY_KEYS)}")
     device = resolve_device(device_name)
 
-    from .._errors import CheckpointError
     from ..build_sam import sam_model_registry
 
     if checkpoint == RANDOM:

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+from .._errors import InputError
+from .._fileio import atomic_write
 from . import _common as c
 from ._common import CliError
 
@@ -100,8 +102,6 @@ def write_masks_to_folder(records: List[Dict[str, Any]], folder: Path) -> None:
       records (list of dict): generator records with binary (HxW bool) segmentations.
       folder (Path): created if missing; earlier ``{i}.png`` files in it are removed.
     """
-    from .._fileio import atomic_write
-
     folder.mkdir(parents=True, exist_ok=True)
     c.clear_numbered_pngs(folder)
     rows = [METADATA_HEADER]
@@ -130,7 +130,6 @@ def run(args: argparse.Namespace) -> int:
 
     sam, _, _ = c.load_model(args.model_type, args.checkpoint, args.device)
     from .. import _viz
-    from .._errors import InputError
 
     if args.hierarchical:
         from ..hierarchical_mask_generator import SamHierarchicalMaskGenerator as Generator
