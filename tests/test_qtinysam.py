@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sam_drop_in._errors import CheckpointError, UnsafeCheckpointError
-from sam_drop_in.build_sam import _build
+from sam_drop_in.build_sam import build_sam_sized
 from sam_drop_in.quantization.qtinysam import read_qtinysam
 from sam_drop_in.testing import perturbed_state_dict
 
@@ -123,7 +123,7 @@ def _tinysam_like(fakes, m, path="", intervals=None):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    sam = _build("vit_t", image_size=256).eval()
+    sam = build_sam_sized("vit_t", image_size=256).eval()
     sam.load_state_dict(perturbed_state_dict(sam.state_dict(), seed=5))
     return sam
 
@@ -165,7 +165,7 @@ def test_reads_weights_and_intervals_without_tinysam(model, released, monkeypatc
     assert q.intervals["mask_decoder.output_upscaling.0"]["class"] == "InferQuantConvTranspose2d"
     assert q.recipe_name() == "w8a8"
     # The weights load into our vit_t model strictly.
-    fresh = _build("vit_t", image_size=256)
+    fresh = build_sam_sized("vit_t", image_size=256)
     q.load_into(fresh)
     assert all(torch.equal(fresh.state_dict()[k], want[k]) for k in want)
     meta = q.metadata()

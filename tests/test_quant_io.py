@@ -15,7 +15,7 @@ from skimage import data
 from sam_drop_in import SamPredictor, quantization as Q, sam_model_registry
 from sam_drop_in import checkpoint as ckpt
 from sam_drop_in._errors import CheckpointError
-from sam_drop_in.build_sam import _build, build_sam_vit_t
+from sam_drop_in.build_sam import build_sam_sized, build_sam_vit_t
 from sam_drop_in.quantization import io as qio
 from sam_drop_in.testing import perturbed_state_dict
 
@@ -28,7 +28,7 @@ FAST = dataclasses.replace(Q.W8A8, max_search_rows=64, weight_search=(1.0, 0.9),
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    sam = _build("vit_t", image_size=256).eval()
+    sam = build_sam_sized("vit_t", image_size=256).eval()
     sam.load_state_dict(perturbed_state_dict(sam.state_dict(), seed=3))
     return sam
 
