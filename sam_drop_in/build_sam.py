@@ -8,8 +8,10 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 
 from ._constants import PIXEL_MEAN, PIXEL_STD, REGISTRY_KEYS, normalize_model_type, registry_model_type
-from .checkpoint import load_into
+from ._quantized_header import quantized_format
+from .checkpoint import load_into, resolve
 from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TinyViT, TwoWayTransformer
+from .quantization.io import load_quantized_sam
 
 _PROMPT_EMBED_DIM = 256
 _IMAGE_SIZE = 1024
@@ -135,9 +137,6 @@ def _quantized_sam(checkpoint, model_type: Optional[str]) -> Optional[Sam]:
     """
     if not isinstance(checkpoint, (str, os.PathLike)):
         return None
-    from .checkpoint import resolve
-    from .quantization.io import load_quantized_sam, quantized_format
-
     path, _ = resolve(checkpoint)
     if quantized_format(path) is None:
         return None

@@ -39,6 +39,7 @@ from ._constants import MODEL_TYPES, normalize_model_type
 from ._errors import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
 from ._fileio import atomic_write, read_json_object, sha256_file
 from ._layouts import SEGMENT_ANYTHING
+from ._quantized_header import describe_quantized
 from ._manifest import MANIFEST, MODEL_CARD_TEMPLATE, default_checkpoint, entries, find
 from ._version import __version__
 
@@ -310,9 +311,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
 
 
 def _quantized_info(path: str) -> dict | None:
-    """What ``quantization.io.describe_quantized`` says of a quantised sam_drop_in file, else None."""
-    from .quantization.io import describe_quantized
-
+    """What ``describe_quantized`` says of a quantised sam_drop_in file (header only), else None."""
     return describe_quantized(path)
 
 

@@ -16,7 +16,6 @@ from sam_drop_in import SamPredictor, quantization as Q, sam_model_registry
 from sam_drop_in import checkpoint as ckpt
 from sam_drop_in._errors import CheckpointError
 from sam_drop_in.build_sam import build_sam_sized, build_sam_vit_t
-from sam_drop_in.quantization import io as qio
 from sam_drop_in.testing import perturbed_state_dict
 
 # A small search (few rows, short grids) keeps calibration under a second; the search itself is
@@ -221,7 +220,7 @@ def test_quantize_command_writes_a_loadable_model(model, float_ckpt, calib_dir, 
     code = cli.main(["quantize", "--model-type", "vit_t", "--checkpoint", str(float_ckpt), "--calib", str(calib_dir),
                      "--bits", "6", "--search-rows", "32", "--output", str(out), "--device", "cpu", "-q"])
     assert code == 0, capsys.readouterr().err
-    assert capsys.readouterr().out.startswith(f"quantize: vit_t w6a6, 1 calibration image, ")
+    assert capsys.readouterr().out.startswith("quantize: vit_t w6a6, 1 calibration image, ")
     qsam = sam_model_registry["vit_t"](checkpoint=str(out))
     assert isinstance(qsam.image_encoder, Q.QuantizedTinyViT)
     assert qsam.image_encoder.recipe == dataclasses.replace(Q.W6A6, max_search_rows=32)

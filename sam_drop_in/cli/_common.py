@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .._quantized_header import describe_quantized
 from .._constants import MODEL_TYPES, REGISTRY_KEYS, normalize_model_type
 from .._errors import CheckpointError, InputError
 from .._fileio import atomic_write
@@ -265,8 +266,6 @@ def load_model(model_type: Optional[str], checkpoint: Optional[str], device_name
         checkpoint = ckpt_mod.default_checkpoint(requested or "vit_t")
     quiet_hub_logging()
     try:
-        from ..quantization.io import describe_quantized
-
         quantized = describe_quantized(ckpt_mod.resolve(checkpoint)[0])
         if quantized is None:
             state_dict = ckpt_mod.load_state_dict(checkpoint)

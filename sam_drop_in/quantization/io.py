@@ -17,8 +17,6 @@ whole-model files add ``model_type`` and ``image_size``.
 """
 
 import json
-import os
-import struct
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -30,60 +28,23 @@ from .._fileio import atomic_write
 from .fake_quant import ActQuant
 from .recipe import QuantRecipe
 
-FORMAT = "sam_drop_in.quantized"
-ENCODER_FORMAT = "sam_drop_in.quantized_encoder"
-FORMATS = (FORMAT, ENCODER_FORMAT)
-FORMAT_VERSION = "1"
+# The header-only readers live in a leaf module so that the loaders (checkpoint, build_sam, the
+# CLI) can recognise a quantised file without importing this package; re-exported here.
+from .._quantized_header import (  # noqa: F401
+    ENCODER_FORMAT,
+    FORMAT,
+    FORMAT_VERSION,
+    FORMATS,
+    describe_quantized,
+    encoder_kind as _kind,
+    model_type_of as _model_type,
+    quantized_format,
+    read_metadata,
+)
 
 # SAM's prompt encoder and mask decoder are the same for every model type (see build_sam).
 _PROMPT_EMBED_DIM = 256
 _PATCH = 16
-# ViT width and depth -> model type (segment_anything's three encoders).
-_VIT_TYPES = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}
-_HEADER_LIMIT = 100 << 20  # a safetensors header larger than this is not one we wrote
-
-
-def read_metadata(path) -> Optional[Dict[str, str]]:
-    """The ``__metadata__`` of a safetensors file, read from its header alone (no tensor is
-    loaded); None when ``path`` is not a readable safetensors file.
-
-    Arguments:
-      path (str or Path): a local file.
-
-    Returns:
-      (dict(str, str) or None): the metadata (empty dict when the file has none).
-    """
-    try:
-        with open(os.fspath(path), "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                return None
-            (size,) = struct.unpack("<Q", head)
-            if size < 2 or size > _HEADER_LIMIT:
-                return None
-            raw = f.read(size)
-    except (OSError, TypeError, ValueError):
-        return None
-    if len(raw) != size or not raw.startswith(b"{"):
-        return None
-    try:
-        header = json.loads(raw)
-    except ValueError:
-        return None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return dict(meta) if isinstance(meta, dict) else {}
-
-
-def quantized_format(path) -> Optional[str]:
-    """``FORMAT`` or ``ENCODER_FORMAT`` for a quantised file written by this module, else None."""
-    meta = read_metadata(path)
-    fmt = meta.get("format") if meta else None
-    return fmt if fmt in FORMATS else None
-
-
-def _kind(arch: Dict) -> str:
-    return arch.get("kind", "tiny_vit")
-
 
 def _encoder_module(kind: str):
     """The module that builds quantised encoders of an architecture kind."""
@@ -116,14 +77,6 @@ def _architecture(qenc: nn.Module) -> Dict:
     if isinstance(qenc, QuantizedTinyViT):
         arch.setdefault("kind", "tiny_vit")
     return arch
-
-
-def _model_type(arch: Dict) -> Optional[str]:
-    if _kind(arch) == "tiny_vit":
-        return "vit_t"
-    width = arch.get("embed_dim", arch.get("encoder_embed_dim"))
-    depth = arch.get("depth", arch.get("encoder_depth"))
-    return _VIT_TYPES.get((width, depth))
 
 
 def _is_quantized_encoder(module: nn.Module) -> bool:
@@ -318,31 +271,3 @@ def load_quantized_sam(path, model_type: Optional[str] = None, device="cpu") -> 
     _load_strict(prompt_encoder, parts["prompt_encoder"], path, "prompt encoder")
     _load_strict(mask_decoder, parts["mask_decoder"], path, "mask decoder")
     return Sam(image_encoder=qenc, prompt_encoder=prompt_encoder, mask_decoder=mask_decoder).eval().to(device)
-
-
-def describe_quantized(path) -> Optional[Dict]:
-    """A short description of a quantised file from its metadata (for ``sam-drop-in info``);
-    None when ``path`` is not one.
-
-    Returns:
-      (dict or None): ``format`` (str), ``contents`` ("model" or "image encoder"),
-      ``model_type`` (str or None), ``recipe`` (str, the recipe's name), ``weight_bits``,
-      ``act_bits`` (int), ``encoder_kind`` (str).
-    """
-    meta = read_metadata(path)
-    if not meta or meta.get("format") not in FORMATS:
-        return None
-    try:
-        recipe = json.loads(meta.get("recipe", "{}"))
-        arch = json.loads(meta.get("architecture", "{}"))
-    except ValueError:
-        recipe, arch = {}, {}
-    return {
-        "format": meta["format"],
-        "contents": "model" if meta["format"] == FORMAT else "image encoder",
-        "model_type": meta.get("model_type") or _model_type(arch),
-        "recipe": recipe.get("name"),
-        "weight_bits": recipe.get("weight_bits"),
-        "act_bits": recipe.get("act_bits"),
-        "encoder_kind": _kind(arch),
-    }

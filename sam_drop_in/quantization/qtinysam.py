@@ -51,6 +51,8 @@ from typing import Any, Dict, Optional, Set, Tuple
 import torch
 
 from .._errors import CheckpointError, UnsafeCheckpointError
+from .._layouts import detect_model_type
+from ..checkpoint import load_into
 
 QUANT_LAYERS_MODULE = "tinysam.quantization_layer.layers"
 QUANT_LAYER_CLASSES = frozenset({"InferQuantMatMul", "InferQuantMatMulPost", "InferQuantLinear",
@@ -281,8 +283,6 @@ class QTinySAM:
     def load_into(self, sam) -> None:
         """Load the float weights into a segment_anything-layout ``vit_t`` Sam (strictly;
         CheckpointError naming the keys on a mismatch)."""
-        from ..checkpoint import load_into
-
         load_into(sam, self.state_dict)
 
     def metadata(self) -> Dict[str, str]:
@@ -363,8 +363,6 @@ def read_qtinysam(path) -> QTinySAM:
     weights: Dict[str, torch.Tensor] = {}
     intervals: Dict[str, Dict[str, Any]] = {}
     _walk(root, "", weights, intervals)
-    from .._layouts import detect_model_type
-
     found = detect_model_type(weights)
     if found != "vit_t":
         raise CheckpointError(f"{path!r} holds a {found or 'non-standard'} SAM, not TinySAM's vit_t; the Q-TinySAM "
