@@ -108,6 +108,7 @@ def architecture(encoder: "tiny_vit.TinyViT") -> Dict:
     first_mb = stages[0].blocks[0]
     block = stages[1].blocks[0]
     return {
+        "kind": "tiny_vit",
         "img_size": encoder.img_size,
         "in_chans": encoder.patch_embed.in_chans,
         "embed_dims": [layer.dim for layer in stages],
@@ -188,7 +189,12 @@ def arch_json(arch: Dict) -> str:
 
 
 def build_from_arch(arch: Dict, recipe: QuantRecipe) -> QuantizedTinyViT:
-    """An uncalibrated QuantizedTinyViT of the given architecture (weights to be loaded)."""
+    """An uncalibrated QuantizedTinyViT of the given architecture (weights to be loaded); a
+    missing ``kind`` means tiny_vit (files written before the ViT encoders were supported)."""
+    arch = dict(arch)
+    kind = arch.pop("kind", "tiny_vit")
+    if kind != "tiny_vit":
+        raise ValueError(f"build_from_arch of quantization.tinyvit rebuilds 'tiny_vit' encoders, got kind {kind!r}")
     encoder = tiny_vit.TinyViT(num_classes=0, drop_path_rate=0.0, **arch)
     return QuantizedTinyViT(encoder, recipe)
 
