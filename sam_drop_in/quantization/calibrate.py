@@ -8,8 +8,11 @@ import torch
 
 from .._errors import InputError
 from ..utils.transforms import ResizeLongestSide
+from ..modeling.image_encoder import ImageEncoderViT
+from ..modeling.tiny_vit import TinyViT
 from .recipe import QuantRecipe, get_recipe
 from .tinyvit import QuantizedTinyViT
+from .vit import QuantizedViT
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -48,32 +51,34 @@ def preprocess(sam, image: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calibrate(sam, images, recipe: Union[str, QuantRecipe] = "w8a8") -> QuantizedTinyViT:
-    """Post-training quantisation of ``sam``'s TinyViT image encoder, simulated in float32.
+def calibrate(sam, images, recipe: Union[str, QuantRecipe] = "w8a8") -> Union[QuantizedTinyViT, QuantizedViT]:
+    """Post-training quantisation of ``sam``'s image encoder (TinyViT or ViT), simulated in float32.
 
     Each calibration image runs through the float encoder (copied; ``sam`` is not changed) while
-    forward hooks of the substituted layers record every quantised input's range and a sample of
-    it. Then, layer by layer on those float inputs: per-output-channel weight scales are chosen
+    the substituted layers record, in their own forward, every quantised input's range and a
+    sample of it. Then, layer by layer on those float inputs: per-output-channel weight scales are chosen
     from ``recipe.weight_search`` by the output MSE of each channel, and the input's per-tensor
     range from ``recipe.act_search`` by the output MSE of the layer with its quantised weight
     (PTQ4ViT's search, without Hessian weighting). Attention product inputs are searched by the
     MSE of the product.
 
     Arguments:
-      sam (Sam): a model with a ``vit_t`` (TinyViT) image encoder, float32.
+      sam (Sam): a model with a ``vit_t`` (TinyViT) or ``vit_b`` / ``vit_l`` / ``vit_h``
+        (ImageEncoderViT) image encoder, float32.
       images (str, Path or list of np.ndarray): a folder of images, or HxWx3 uint8 RGB arrays.
       recipe (str or QuantRecipe): "w8a8", "w6a6" or a QuantRecipe.
 
     Returns:
-      (QuantizedTinyViT): the fake-quant encoder; use it as ``sam.image_encoder`` (takes and
-        returns float32 like the original).
+      (QuantizedTinyViT or QuantizedViT): the fake-quant encoder, by the encoder's type; use it
+        as ``sam.image_encoder`` (takes and returns float32 like the original).
     """
     recipe = get_recipe(recipe)
-    arrays = load_calibration_images(images)
     encoder = sam.image_encoder
+    quantized_type = _quantized_type(encoder)
+    arrays = load_calibration_images(images)
     if next(encoder.parameters()).dtype != torch.float32:
         raise InputError("calibrate needs a float32 model; calibrate before precision.optimize")
-    qenc = QuantizedTinyViT(encoder, recipe).to(sam.device)
+    qenc = quantized_type(encoder, recipe).to(sam.device)
     qenc.set_observing(True)
     for image in arrays:
         qenc(preprocess(sam, image))
@@ -82,3 +87,16 @@ def calibrate(sam, images, recipe: Union[str, QuantRecipe] = "w8a8") -> Quantize
         m.search(recipe)
         m.finalize()
     return qenc
+
+
+def _quantized_type(encoder):
+    """The fake-quant class for an image encoder, by its type (exact classes and subclasses)."""
+    if isinstance(encoder, TinyViT):
+        return QuantizedTinyViT
+    if isinstance(encoder, ImageEncoderViT):
+        return QuantizedViT
+    if isinstance(encoder, (QuantizedTinyViT, QuantizedViT)):
+        raise TypeError(f"the image encoder is already quantised ({type(encoder).__name__}); calibrate the float model")
+    raise TypeError(f"calibrate quantises TinyViT (vit_t) and ImageEncoderViT (vit_b / vit_l / vit_h) image encoders, "
+                    f"got {type(encoder).__module__}.{type(encoder).__name__}; wrappers from precision.optimize or "
+                    "torch.compile are not supported: calibrate the plain float32 model")
