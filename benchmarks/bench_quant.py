@@ -1,12 +1,13 @@
-"""Agreement of the simulated (fake-quant) W8A8 / W6A6 vit_t encoder with fp32.
+"""Agreement of the simulated (fake-quant) W8A8 / W6A6 encoder (vit_t, or a ViT) with fp32.
 
-    python benchmarks/bench_quant.py                      # full size (1024), w8a8 and w6a6
+    python benchmarks/bench_quant.py                      # vit_t, full size (1024), w8a8 and w6a6
     python benchmarks/bench_quant.py --image-size 256 --recipes w8a8
+    python benchmarks/bench_quant.py --model-type vit_b --calib-images 2 --max-search-rows 1024 --time-repeats 1
 
-Weights: MobileSAM's architecture with perturbed random weights (compat_tests' perturbed_state_dict,
-seed 0), as in bench_speed.py; with random weights many logits sit near the threshold, so the
-IoU is a lower bound for trained weights. Calibration: three scikit-image photographs (rocket,
-immunohistochemistry, hubble_deep_field); evaluation: the three photographs of examples/images
+Weights: the architecture of --model-type (vit_t: MobileSAM's) with perturbed random weights
+(compat_tests' perturbed_state_dict, seed 0), as in bench_speed.py; with random weights many logits sit near the threshold, so the
+IoU is a lower bound for trained weights. Calibration: the first --calib-images (default three)
+of the scikit-image photographs rocket, immunohistochemistry, hubble_deep_field; evaluation: the three photographs of examples/images
 (disjoint). Reported per recipe: calibration time, embedding cosine (per image, mean), mean mask
 IoU of every multimask mask for 9 points and 8 boxes per photograph (sam_drop_in.testing.quality_prompts),
 the saved file's size against the fp32 encoder safetensors, and the simulated encoder's time
@@ -15,6 +16,7 @@ against fp32 (the simulation runs in float32 and is slower; it is for accuracy, 
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -29,6 +31,22 @@ from _common import load_images  # noqa: E402
 from sam_drop_in.testing import mean_iou, perturbed_state_dict, predict_quality_masks  # noqa: E402
 
 
+def _save(qenc, path) -> str:
+    """Writes ``qenc`` with save_quantized, or, where that does not take this encoder type yet,
+    its state dict (the tensors save_quantized stores: int8 codes, float32 scales, int32 zero
+    points, float32 biases, norms and position tables) with safetensors. Returns which."""
+    from safetensors.torch import save_file
+
+    from sam_drop_in import quantization
+
+    try:
+        quantization.save_quantized(qenc, path)
+        return "save_quantized"
+    except TypeError:
+        save_file({k: v.detach().contiguous() for k, v in qenc.state_dict().items()}, path)
+        return "state_dict via safetensors (save_quantized does not take this encoder)"
+
+
 def main(argv=None) -> int:
     from safetensors.torch import save_file
     from skimage import data
@@ -37,15 +55,19 @@ def main(argv=None) -> int:
     from sam_drop_in.build_sam import build_sam_sized
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-type", default="vit_t", choices=["vit_t", "vit_b", "vit_l", "vit_h"])
     ap.add_argument("--image-size", type=int, default=1024)
     ap.add_argument("--recipes", default="w8a8,w6a6")
+    ap.add_argument("--calib-images", type=int, default=3, choices=[1, 2, 3])
+    ap.add_argument("--max-search-rows", type=int, help="override the recipes' rows per layer kept for the search")
+    ap.add_argument("--time-repeats", type=int, default=3, help="alternating fp32 / simulated encoder timings")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
-    sam = build_sam_sized("vit_t", image_size=args.image_size).eval()
+    sam = build_sam_sized(args.model_type, image_size=args.image_size).eval()
     sam.load_state_dict(perturbed_state_dict(sam.state_dict(), seed=0))
-    calib = [data.rocket(), data.immunohistochemistry(), data.hubble_deep_field()]
+    calib = [data.rocket(), data.immunohistochemistry(), data.hubble_deep_field()][: args.calib_images]
     evals = load_images()
 
     ref_pred = SamPredictor(sam)
@@ -60,10 +82,14 @@ def main(argv=None) -> int:
     fp32_bytes = os.path.getsize(fp32_path)
     head_bytes = sum(v.numel() * 4 for k, v in sam.image_encoder.state_dict().items() if k.startswith(("head.", "norm_head.")))
 
-    results = {"image_size": args.image_size, "threads": torch.get_num_threads(), "recipes": {}}
+    results = {"model_type": args.model_type, "image_size": args.image_size, "threads": torch.get_num_threads(),
+               "calib_images": args.calib_images, "max_search_rows": args.max_search_rows, "recipes": {}}
     for name in args.recipes.split(","):
+        recipe = quantization.get_recipe(name)
+        if args.max_search_rows:
+            recipe = dataclasses.replace(recipe, max_search_rows=args.max_search_rows)
         t0 = time.perf_counter()
-        qenc = quantization.calibrate(sam, calib, name)
+        qenc = quantization.calibrate(sam, calib, recipe)
         calib_s = time.perf_counter() - t0
         qsam = copy.deepcopy(sam)
         qsam.image_encoder = qenc
@@ -74,11 +100,11 @@ def main(argv=None) -> int:
             ious.append(mean_iou(m, rm))
             coss.append(float(torch.nn.functional.cosine_similarity(pred.get_image_embedding().flatten(), re.flatten(), 0)))
         qpath = os.path.join(tmp, f"{name}.safetensors")
-        quantization.save_quantized(qenc, qpath)
+        written_by = _save(qenc, qpath)
         x = quantization.preprocess(sam, evals[0])
         times = {"fp32": [], "sim": []}
         with torch.no_grad():
-            for _ in range(3):  # alternating, so shared-machine load hits both alike
+            for _ in range(args.time_repeats):  # alternating, so shared-machine load hits both alike
                 t = time.perf_counter(); sam.image_encoder(x); times["fp32"].append(time.perf_counter() - t)
                 t = time.perf_counter(); qenc(x); times["sim"].append(time.perf_counter() - t)
         r = {
@@ -87,6 +113,7 @@ def main(argv=None) -> int:
             "mean_mask_iou": round(sum(ious) / len(ious), 4),
             "mask_iou_per_image": [round(i, 4) for i in ious],
             "file_bytes": os.path.getsize(qpath),
+            "file_written_by": written_by,
             "file_ratio_vs_fp32_encoder": round(os.path.getsize(qpath) / fp32_bytes, 4),
             "file_ratio_vs_fp32_without_unused_head": round(os.path.getsize(qpath) / (fp32_bytes - head_bytes), 4),
             "sim_time_over_fp32": round(min(times["sim"]) / min(times["fp32"]), 2),
