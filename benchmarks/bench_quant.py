@@ -10,6 +10,7 @@ IoU is a lower bound for trained weights. Calibration: the first --calib-images 
 of the scikit-image photographs rocket, immunohistochemistry, hubble_deep_field; evaluation: the three photographs of examples/images
 (disjoint). Reported per recipe: calibration time, embedding cosine (per image, mean), mean mask
 IoU of every multimask mask for 9 points and 8 boxes per photograph (sam_drop_in.testing.quality_prompts),
+with --amg the everything-mode records matched on the first photograph (sam_drop_in.testing.records_iou),
 the saved file's size against the fp32 encoder safetensors, and the simulated encoder's time
 against fp32 (the simulation runs in float32 and is slower; it is for accuracy, not speed).
 """
@@ -28,7 +29,17 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import load_images  # noqa: E402
 
-from sam_drop_in.testing import mean_iou, perturbed_state_dict, predict_quality_masks  # noqa: E402
+from sam_drop_in.testing import mean_iou, perturbed_state_dict, predict_quality_masks, records_iou  # noqa: E402
+
+
+def _amg_records(sam, image):
+    """Everything-mode records with nothing filtered (as bench_precision.py), so that every grid
+    point's masks can be matched between fp32 and the quantised encoder."""
+    from sam_drop_in import SamAutomaticMaskGenerator
+
+    gen = SamAutomaticMaskGenerator(sam, points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                                    box_nms_thresh=1.0)
+    return gen.generate(image)
 
 
 def _save(qenc, path) -> str:
@@ -61,6 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-images", type=int, default=3, choices=[1, 2, 3])
     ap.add_argument("--max-search-rows", type=int, help="override the recipes' rows per layer kept for the search")
     ap.add_argument("--time-repeats", type=int, default=3, help="alternating fp32 / simulated encoder timings")
+    ap.add_argument("--amg", action="store_true",
+                    help="also AMG records matched on the first evaluation photograph (8x8 points, no filtering)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -75,6 +88,7 @@ def main(argv=None) -> int:
     for im in evals:
         ref_masks.append(predict_quality_masks(ref_pred, im))
         ref_emb.append(ref_pred.get_image_embedding().clone())
+    ref_records = _amg_records(sam, evals[0]) if args.amg else None
 
     tmp = tempfile.mkdtemp()
     fp32_path = os.path.join(tmp, "fp32.safetensors")
@@ -99,6 +113,7 @@ def main(argv=None) -> int:
             m = predict_quality_masks(pred, im)
             ious.append(mean_iou(m, rm))
             coss.append(float(torch.nn.functional.cosine_similarity(pred.get_image_embedding().flatten(), re.flatten(), 0)))
+        amg = round(records_iou(ref_records, _amg_records(qsam, evals[0])), 4) if args.amg else None
         qpath = os.path.join(tmp, f"{name}.safetensors")
         written_by = _save(qenc, qpath)
         x = quantization.preprocess(sam, evals[0])
@@ -112,6 +127,7 @@ def main(argv=None) -> int:
             "embedding_cosine": [round(c, 5) for c in coss],
             "mean_mask_iou": round(sum(ious) / len(ious), 4),
             "mask_iou_per_image": [round(i, 4) for i in ious],
+            "amg_records_iou_first_image": amg,
             "file_bytes": os.path.getsize(qpath),
             "file_written_by": written_by,
             "file_ratio_vs_fp32_encoder": round(os.path.getsize(qpath) / fp32_bytes, 4),
