@@ -98,11 +98,12 @@ class QViTAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
 
     def _sample_plan(self, b: int, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Evenly spaced windows and, within them, evenly spaced query rows to keep for the search."""
+        """Windows and, within them, query rows to keep for the search, spread from first to last
+        (a stride of b // nw would pick one column of a row-major window grid)."""
         nw = min(b, max(1, self.max_rows // n))
         nq = min(n, max(1, self.max_rows * _SAMPLE_KEYS // (nw * n)))
-        windows = torch.arange(0, b, max(1, b // nw))[:nw]
-        queries = torch.arange(0, n, max(1, n // nq))[:nq]
+        windows = torch.linspace(0, b - 1, nw).round().long()
+        queries = torch.linspace(0, n - 1, nq).round().long()
         return windows, queries
 
 
