@@ -214,3 +214,26 @@ def test_calibrate_dispatch_and_errors(model, calibrated):
 
     with pytest.raises(InputError, match="float32"):
         Q.calibrate(bf16, [data.rocket()], "w8a8")
+
+
+def test_attention_samples_are_bounded_and_spread(model):
+    # The attention search keeps at most max_search_rows query rows per forward and at most
+    # max_search_rows * 196 logits per head, from windows spread over the grid. With 128 rows: a
+    # windowed block (9 windows of 7x7 = 49 queries: the 16x16 grid padded to 21x21) keeps 2
+    # whole windows, the first and the last; a global block (1 x 256 queries) keeps 98 query rows
+    # (128 * 196 / 256 logits' worth) spread from the first query to the last, and all keys.
+    recipe = dataclasses.replace(Q.W8A8, max_search_rows=128)
+    qenc = Q.QuantizedViT(model.image_encoder, recipe)
+    qenc.set_observing(True)
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        qenc(x)
+    windowed, global_ = qenc.body.blocks[0].attn, qenc.body.blocks[1].attn
+    (q, k, a, v), = windowed.samples
+    assert q.shape == k.shape == v.shape == (2, 4, 49, 16) and a.shape == (2, 4, 49, 49)
+    assert windowed._sample_plan(9, 49)[0].tolist() == [0, 8]
+    (q, k, a, v), = global_.samples
+    assert q.shape == (1, 4, 98, 16) and k.shape == v.shape == (1, 4, 256, 16) and a.shape == (1, 4, 98, 256)
+    assert global_._sample_plan(1, 256)[1][[0, -1]].tolist() == [0, 255]
+    # The kept softmax rows are the encoder's own: each sums to one.
+    assert torch.allclose(a.sum(-1), torch.ones(()), atol=1e-5)
