@@ -42,22 +42,6 @@ def _amg_records(sam, image):
     return gen.generate(image)
 
 
-def _save(qenc, path) -> str:
-    """Writes ``qenc`` with save_quantized, or, where that does not take this encoder type yet,
-    its state dict (the tensors save_quantized stores: int8 codes, float32 scales, int32 zero
-    points, float32 biases, norms and position tables) with safetensors. Returns which."""
-    from safetensors.torch import save_file
-
-    from sam_drop_in import quantization
-
-    try:
-        quantization.save_quantized(qenc, path)
-        return "save_quantized"
-    except TypeError:
-        save_file({k: v.detach().contiguous() for k, v in qenc.state_dict().items()}, path)
-        return "state_dict via safetensors (save_quantized does not take this encoder)"
-
-
 def main(argv=None) -> int:
     from safetensors.torch import save_file
     from skimage import data
@@ -115,7 +99,7 @@ def main(argv=None) -> int:
             coss.append(float(torch.nn.functional.cosine_similarity(pred.get_image_embedding().flatten(), re.flatten(), 0)))
         amg = round(records_iou(ref_records, _amg_records(qsam, evals[0])), 4) if args.amg else None
         qpath = os.path.join(tmp, f"{name}.safetensors")
-        written_by = _save(qenc, qpath)
+        quantization.save_quantized(qenc, qpath)
         x = quantization.preprocess(sam, evals[0])
         times = {"fp32": [], "sim": []}
         with torch.no_grad():
@@ -129,7 +113,6 @@ def main(argv=None) -> int:
             "mask_iou_per_image": [round(i, 4) for i in ious],
             "amg_records_iou_first_image": amg,
             "file_bytes": os.path.getsize(qpath),
-            "file_written_by": written_by,
             "file_ratio_vs_fp32_encoder": round(os.path.getsize(qpath) / fp32_bytes, 4),
             "file_ratio_vs_fp32_without_unused_head": round(os.path.getsize(qpath) / (fp32_bytes - head_bytes), 4),
             "sim_time_over_fp32": round(min(times["sim"]) / min(times["fp32"]), 2),
