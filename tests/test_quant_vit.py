@@ -237,3 +237,31 @@ def test_attention_samples_are_bounded_and_spread(model):
     assert global_._sample_plan(1, 256)[1][[0, -1]].tolist() == [0, 255]
     # The kept softmax rows are the encoder's own: each sums to one.
     assert torch.allclose(a.sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_vit_b_file_round_trip_through_registry(tmp_path):
+    # Contract (issue #14's file format, io.py dispatching on "kind": "vit"): a Sam whose vit_b
+    # encoder is quantised, saved with save_quantized, comes back from
+    # sam_model_registry["vit_b"](checkpoint=...) with a QuantizedViT that computes bit-identically
+    # (same codes, scales and arithmetic) and the same float prompt encoder and mask decoder. The
+    # real vit_b at 256 px with one candidate per search grid keeps this short; the search itself
+    # is tested above.
+    from sam_drop_in import sam_model_registry
+    from sam_drop_in.build_sam import _build
+
+    torch.manual_seed(0)
+    sam = _build("vit_b", image_size=256)
+    recipe = Q.QuantRecipe("w8a8-quick", weight_search=(1.0,), act_search=(1.0,), softmax_fine_shifts=(3,),
+                           max_search_rows=64)
+    qenc = Q.calibrate(sam, [data.rocket()[::4, ::4]], recipe)
+    qsam = Sam(image_encoder=qenc, prompt_encoder=sam.prompt_encoder, mask_decoder=sam.mask_decoder).eval()
+    path = tmp_path / "vit_b_q.safetensors"
+    Q.save_quantized(qsam, path)
+    loaded = sam_model_registry["vit_b"](checkpoint=str(path))
+    assert isinstance(loaded.image_encoder, Q.QuantizedViT) and loaded.image_encoder.recipe == recipe
+    x = Q.preprocess(sam, data.astronaut()[::2, ::2])
+    with torch.no_grad():
+        assert torch.equal(loaded.image_encoder(x), qsam.image_encoder(x))
+    for name in ("prompt_encoder", "mask_decoder"):
+        ours, theirs = getattr(sam, name).state_dict(), getattr(loaded, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours) and ours.keys() == theirs.keys()
