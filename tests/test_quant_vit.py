@@ -181,10 +181,10 @@ def test_architecture_round_trip(model, calibrated):
     with torch.no_grad():
         assert torch.equal(rebuilt(x), qenc(x))
     # The TinyViT architecture now says its kind; its build_from_arch takes it, or none (old files).
-    from sam_drop_in.build_sam import _build
+    from sam_drop_in.build_sam import build_sam_sized
     from sam_drop_in.quantization import tinyvit
 
-    tarch = tinyvit.architecture(_build("vit_t", image_size=256).image_encoder)
+    tarch = tinyvit.architecture(build_sam_sized("vit_t", image_size=256).image_encoder)
     assert tarch["kind"] == "tiny_vit"
     assert isinstance(tinyvit.build_from_arch(tarch, Q.W8A8), Q.QuantizedTinyViT)
     assert isinstance(tinyvit.build_from_arch({k: v for k, v in tarch.items() if k != "kind"}, Q.W8A8), Q.QuantizedTinyViT)
@@ -247,10 +247,10 @@ def test_vit_b_file_round_trip_through_registry(tmp_path):
     # real vit_b at 256 px with one candidate per search grid keeps this short; the search itself
     # is tested above.
     from sam_drop_in import sam_model_registry
-    from sam_drop_in.build_sam import _build
+    from sam_drop_in.build_sam import build_sam_sized
 
     torch.manual_seed(0)
-    sam = _build("vit_b", image_size=256)
+    sam = build_sam_sized("vit_b", image_size=256)
     recipe = Q.QuantRecipe("w8a8-quick", weight_search=(1.0,), act_search=(1.0,), softmax_fine_shifts=(3,),
                            max_search_rows=64)
     qenc = Q.calibrate(sam, [data.rocket()[::4, ::4]], recipe)
