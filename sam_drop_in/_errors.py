@@ -47,3 +47,8 @@ class ImageDtypeError(InputError, TypeError):
     segment_anything's ``ResizeLongestSide.apply_image`` fails on these with torchvision's
     ``TypeError``; this type is one too, besides an :class:`InputError`.
     """
+
+
+class WebRuntimeError(RuntimeError):
+    """onnxruntime-web (the browser decoder's runtime of ``sam-drop-in serve``) could not be
+    fetched or verified: npm missing, the fetch failed, or the tarball's hash is not the pinned one."""

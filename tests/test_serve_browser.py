@@ -214,3 +214,73 @@ def test_everything_and_json_download(page, tmp_path, hierarchical):
     for rec in saved[:5]:
         js = np.array(page.evaluate("(r) => Array.from(decodeRle(r))", rec["segmentation"]), np.uint8).reshape(h, w)
         np.testing.assert_array_equal(js, mask_utils.decode(rec["segmentation"]))
+
+
+# --- decoding in the browser (onnxruntime-web) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser_decoder_url(tmp_path_factory):
+    pytest.importorskip("onnx", reason="the browser decoder is exported with onnx: pip install -e '.[serve-test]'")
+    from sam_drop_in.serve import web_runtime
+
+    folder = web_runtime.installed()
+    if folder is None:
+        pytest.skip(f"onnxruntime-web {web_runtime.VERSION} is not in {web_runtime.cache_root()}: run "
+                    "`sam-drop-in serve --fetch-web-runtime` (needs npm) for the browser-decoder test")
+    app = create_app(random_vit_t(), checkpoint="random weights", decoder="browser", web_runtime=folder,
+                     cache_dir=tmp_path_factory.mktemp("decoder-cache"))
+    with running_server(app) as base:
+        yield base
+
+
+def _mask_iou(a, b):
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def test_browser_decoder_hover_and_click_match_server(browser, browser_decoder_url):
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(browser_decoder_url + "/?decoder=browser")
+    page.wait_for_function("samPage.browser.state === 'ready' || samPage.browser.state === 'failed'", timeout=TIMEOUT_MS)
+    assert page.evaluate("samPage.browser.state") == "ready", page.evaluate("samPage.browser.note")
+    page.set_input_files("#file", str(IMAGE))
+    page.wait_for_function("document.body.dataset.state === 'ready' && samPage.browser.embeddingFor === samPage.session",
+                           timeout=TIMEOUT_MS)
+    w, h = page.evaluate("[samPage.w, samPage.h]")
+
+    # Hover, decoded in the browser: the mask is drawn on the canvas.
+    x, y = _canvas_point(page, 0.45, 0.5)
+    page.mouse.move(x, y)
+    page.wait_for_function("samPage.stats.hoverMs.length > 0 && samPage.mask !== null", timeout=TIMEOUT_MS)
+    assert page.evaluate("samPage.stats.lastDecodedIn") == "browser"
+    assert _mask_pixels(_overlay_colours(page)) == page.evaluate("samPage.mask.area") > 0
+
+    # Click: a positive point, decoded in the browser, drawn (minus the point marker's pixels).
+    page.mouse.click(x, y)
+    page.wait_for_function("samPage.points.length === 1 && samPage.stats.predictMs.length === 1", timeout=TIMEOUT_MS)
+    _wait_state(page, "ready")
+    assert page.evaluate("samPage.stats.lastDecodedIn") == "browser"
+    area = page.evaluate("samPage.mask.area")
+    drawn = _mask_pixels(_overlay_colours(page))
+    assert 0 < drawn <= area and drawn > area - 2000
+    got = np.array(page.evaluate("Array.from(samPage.mask.data)"), np.uint8).reshape(h, w).astype(bool)
+    got_score = page.evaluate("samPage.mask.score")
+
+    # The same click decoded on the server (POST /api/predict from the page).
+    ref = page.evaluate("""async () => {
+        const p = samPage.points[0];
+        const r = await decodeOnServer([[p.x, p.y]], [1], null);
+        return {data: Array.from(r.mask.data), score: r.mask.score};
+    }""")
+    want = np.array(ref["data"], np.uint8).reshape(h, w).astype(bool)
+    # Contract: onnxruntime-web's kernels (WebAssembly SIMD) and PyTorch's differ by float32
+    # rounding, which can flip pixels whose logit is within rounding of the threshold: mask IoU
+    # >= 0.99 and predicted IoU within 1e-3.
+    assert _mask_iou(got, want) >= 0.99, _mask_iou(got, want)
+    assert abs(got_score - ref["score"]) < 1e-3
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"

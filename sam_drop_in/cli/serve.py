@@ -29,6 +29,16 @@ def register(subparsers) -> None:
                    help="Largest image in megapixels, width*height/1e6 (default 50).")
     g.add_argument("--max-sessions", type=int, default=8,
                    help="Images whose embeddings stay cached; the least recently used is dropped (default 8).")
+    d = p.add_argument_group("decoding")
+    d.add_argument("--decoder", choices=("server", "browser", "auto"), default="server",
+                   help="Where the page decodes hover, click and box prompts: 'server' (default; PyTorch over the "
+                        "cached embedding: the faster one in docs/serve.md's figures), 'browser' (the exported ONNX "
+                        "decoder in onnxruntime-web, fetched with npm on first use), or 'auto' (browser when "
+                        "onnxruntime-web is cached or can be fetched, else server). Without onnxruntime-web or onnx "
+                        "the page decodes on the server and says why; with it, the page offers both.")
+    d.add_argument("--fetch-web-runtime", action="store_true",
+                   help="Only fetch onnxruntime-web (pinned version, with npm pack, sha512-checked) into the "
+                        "per-user cache ($XDG_CACHE_HOME/sam_drop_in or ~/.cache/sam_drop_in), then exit.")
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -52,6 +62,33 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _decoder_setup(choice: str):
+    """(decoder, web runtime folder or None, note for the page) for ``--decoder choice``.
+
+    A browser decoder that cannot be had (npm missing, the fetch failed, onnx not installed)
+    falls back to server decoding with the reason printed and shown on the page.
+    """
+    from ..serve import web_runtime
+    from ..serve.browser_decoder import onnx_missing
+    from .._errors import WebRuntimeError
+
+    folder = web_runtime.installed()
+    if choice == "server":
+        # Offer the browser decoder on the page when it is already here (nothing fetched).
+        return "server", (folder if folder is not None and onnx_missing() is None else None), ""
+    why = onnx_missing()
+    if why is None and folder is None:
+        try:
+            folder = web_runtime.fetch(log=lambda line: print(f"sam-drop-in serve: {line}", flush=True))
+        except WebRuntimeError as exc:
+            why = str(exc)
+    if why is not None:
+        note = f"browser decoding unavailable: {why}"
+        (c.warn if choice == "browser" else print)(f"sam-drop-in serve: {note}")
+        return "server", None, note
+    return "browser", folder, ""
+
+
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise CliError(f"--port must be between 0 and 65535, got {args.port}")
@@ -59,20 +96,35 @@ def run(args: argparse.Namespace) -> int:
                         ("--max-sessions", args.max_sessions)):
         if not value > 0:
             raise CliError(f"{name} must be positive, got {value}")
+    if args.fetch_web_runtime:
+        from .._errors import WebRuntimeError
+        from ..serve import web_runtime
+
+        try:
+            folder = web_runtime.fetch(log=lambda line: print(f"sam-drop-in serve: {line}", flush=True))
+        except WebRuntimeError as exc:
+            raise CliError(str(exc), code=c.EXIT_FAILED) from None
+        print(f"sam-drop-in serve: {web_runtime.PACKAGE} {web_runtime.VERSION} is in {folder}", flush=True)
+        return c.EXIT_OK
     from ..serve import create_app, missing_dependencies, run_server
 
     missing = missing_dependencies()
     if missing:
         raise CliError(f"serve needs {', '.join(missing)}: pip install 'sam-drop-in[serve]'")
     sock = _bind(args.host, args.port)
+    decoder, runtime, note = _decoder_setup(args.decoder)
     sam, model_type, ckpt_desc = c.load_model(args.model_type, args.checkpoint, args.device)
     app = create_app(sam, model_type=model_type, checkpoint=ckpt_desc, max_sessions=args.max_sessions,
-                     max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6))
+                     max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6),
+                     decoder=decoder, web_runtime=runtime, decoder_note=note)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     if args.host not in LOOPBACK:
         c.warn(f"--host {args.host}: the server (no authentication) is reachable from other machines")
     print(f"sam-drop-in serve: {model_type} ({ckpt_desc}) on http://{shown}:{port}/  (Ctrl-C stops it)", flush=True)
+    print(f"sam-drop-in serve: decoding in the {decoder}"
+          + (f" (onnxruntime-web from {runtime})" if runtime is not None else " (browser decoding not offered)"),
+          flush=True)
     try:
         run_server(app, sockets=[sock], log_level="warning")
     except KeyboardInterrupt:

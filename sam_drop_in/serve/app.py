@@ -10,6 +10,9 @@ Routes (docs/serve.md has request and response examples):
   ``sam-drop-in everything --convert-to-rle``).
 - ``GET /api/session/{id}``: size, embedding time, everything progress;
   ``DELETE /api/session/{id}``: forget it.
+- ``GET /api/session/{id}/embedding``: the cached image embedding, raw float32 1x256x64x64.
+- ``GET /api/decoder.onnx``: the exported ONNX decoder (segment_anything's demo settings).
+- ``GET /ort/{file}``: onnxruntime-web, from the per-user cache (browser decoding).
 
 Bad input of any kind is a 4xx with ``{"error": message}``; model work runs in worker threads,
 so a long everything job never blocks the page of another tab.
@@ -20,11 +23,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -32,6 +36,8 @@ from starlette.staticfiles import StaticFiles
 
 from .._errors import InputError
 from . import sessions as sess
+from .browser_decoder import DecoderCache
+from .web_runtime import FILES as RUNTIME_FILES
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_JSON_BYTES = 1 << 20
@@ -118,6 +124,34 @@ async def _json_body(request: Request) -> Dict[str, Any]:
     return obj
 
 
+RUNTIME_MEDIA_TYPES = {".mjs": "text/javascript", ".wasm": "application/wasm"}
+DECODER_MODES = ("server", "browser")
+
+
+class CrossOriginIsolation:
+    """ASGI middleware: COOP/COEP headers on every response, so the page is cross-origin
+    isolated and onnxruntime-web may use SharedArrayBuffer (WebAssembly threads). Everything
+    the page loads comes from this server, so nothing is blocked by them."""
+
+    HEADERS = [(b"cross-origin-opener-policy", b"same-origin"), (b"cross-origin-embedder-policy", b"require-corp")]
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = list(message.get("headers", [])) + self.HEADERS
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 def create_app(
     sam: Any,
     *,
@@ -126,6 +160,10 @@ def create_app(
     max_sessions: int = 8,
     max_upload_bytes: int = 32 << 20,
     max_pixels: int = 50_000_000,
+    decoder: str = "server",
+    web_runtime: Optional[Path] = None,
+    decoder_note: str = "",
+    cache_dir: Optional[Path] = None,
 ) -> Starlette:
     """Build the web application around a loaded model.
 
@@ -136,11 +174,28 @@ def create_app(
       max_sessions (int): images whose embeddings stay cached (least recently used dropped).
       max_upload_bytes (int): largest accepted request body for /api/embed (413 beyond).
       max_pixels (int): largest accepted width * height of an uploaded image (413 beyond).
+      decoder (str): where the page decodes prompts by default: ``"server"`` (PyTorch, over the
+        cached embedding) or ``"browser"`` (the exported ONNX decoder in onnxruntime-web; needs
+        ``web_runtime``). The page can switch while both are available.
+      web_runtime (Path or None): folder with onnxruntime-web's files
+        (:func:`sam_drop_in.serve.web_runtime.fetch`); None: browser decoding unavailable.
+      decoder_note (str): why the decoder is what it is (e.g. why browser decoding is off),
+        shown on the page.
+      cache_dir (Path or None): where the exported decoder is cached (default: the per-user
+        cache folder).
 
     Returns:
       (Starlette): the ASGI application.
     """
+    if decoder not in DECODER_MODES:
+        raise ValueError(f"decoder must be one of {DECODER_MODES}, got {decoder!r}")
+    if decoder == "browser" and web_runtime is None:
+        raise ValueError("decoder='browser' needs web_runtime, the folder of onnxruntime-web's files")
     store = sess.SessionStore(sam, max_sessions=max_sessions)
+    decoder_cache = DecoderCache(sam, cache_dir)
+    if decoder == "browser":
+        # Export while the user picks an image: the page asks for the file right after loading.
+        decoder_cache.start()
 
     def session_of(obj: Dict[str, Any]) -> sess.Session:
         if "session_id" not in obj:
@@ -159,6 +214,15 @@ def create_app(
             "max_pixels": max_pixels,
             "max_sessions": max_sessions,
             "everything_options": list(sess.EVERYTHING_OPTIONS + sess.HIERARCHICAL_ONLY_OPTIONS),
+            "decoder": decoder,
+            "decoder_note": decoder_note,
+            "browser_decoder": None if web_runtime is None else {
+                "runtime": f"/ort/{Path(RUNTIME_FILES[0]).name}",
+                "wasm": f"/ort/{Path(RUNTIME_FILES[1]).name}",
+                "model": "/api/decoder.onnx",
+                "img_size": int(sam.image_encoder.img_size),
+                "mask_threshold": float(sam.mask_threshold),
+            },
         })
 
     async def embed(request: Request) -> Response:
@@ -195,6 +259,32 @@ def create_app(
     async def session_status(request: Request) -> Response:
         return _json(store.get(request.path_params["session_id"]).status())
 
+    async def session_embedding(request: Request) -> Response:
+        session = store.get(request.path_params["session_id"])
+        data, shape = await run_in_threadpool(sess.embedding_bytes, session)
+        return Response(data, media_type="application/octet-stream",
+                        headers={"X-Shape": ",".join(map(str, shape)), "X-Dtype": "float32",
+                                 "Cache-Control": "no-store"})
+
+    async def decoder_model(request: Request) -> Response:
+        try:
+            path = await run_in_threadpool(decoder_cache.path)
+        except ImportError as exc:
+            raise ClientError(501, str(exc))
+        except Exception as exc:  # the export itself failed: say so, the page decodes on the server
+            raise ClientError(503, f"exporting the ONNX decoder failed ({type(exc).__name__}: {exc}); "
+                                   "use server decoding") from None
+        return FileResponse(path, media_type="application/octet-stream", filename="decoder.onnx")
+
+    async def runtime_file(request: Request) -> Response:
+        name = request.path_params["name"]
+        names = {Path(f).name for f in RUNTIME_FILES}
+        if web_runtime is None or name not in names:
+            raise ClientError(404, f"no {name!r} here: browser decoding is off on this server "
+                                   "(start it with --decoder browser, after sam-drop-in serve --fetch-web-runtime)")
+        return FileResponse(Path(web_runtime) / name, media_type=RUNTIME_MEDIA_TYPES[Path(name).suffix],
+                            headers={"Cache-Control": "max-age=86400"})
+
     async def session_delete(request: Request) -> Response:
         store.delete(request.path_params["session_id"])
         return Response(status_code=204)
@@ -223,6 +313,9 @@ def create_app(
         Route("/api/everything", everything, methods=["POST"]),
         Route("/api/session/{session_id}", session_status, methods=["GET"]),
         Route("/api/session/{session_id}", session_delete, methods=["DELETE"]),
+        Route("/api/session/{session_id}/embedding", session_embedding, methods=["GET"]),
+        Route("/api/decoder.onnx", decoder_model, methods=["GET"]),
+        Route("/ort/{name}", runtime_file, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     handlers = {
@@ -234,6 +327,6 @@ def create_app(
         sess.Busy: on_busy,
         HTTPException: on_http,
     }
-    app = Starlette(routes=routes, exception_handlers=handlers)
+    app = Starlette(routes=routes, exception_handlers=handlers, middleware=[Middleware(CrossOriginIsolation)])
     app.state.sessions = store
     return app

@@ -114,6 +114,7 @@ class Session:
         self.last_used = time.monotonic()
         self.everything_started: Optional[float] = None
         self.everything_seconds: Optional[float] = None
+        self.everything_progress: Optional[Any] = None  # progress.EverythingProgress while a job runs
 
     @property
     def height(self) -> int:
@@ -125,6 +126,7 @@ class Session:
 
     def status(self) -> Dict[str, Any]:
         running = self.everything_started is not None
+        progress = self.everything_progress
         return {
             "session_id": self.id,
             "width": self.width,
@@ -133,6 +135,11 @@ class Session:
             "everything_running": running,
             "everything_elapsed_seconds": round(time.monotonic() - self.everything_started, 2) if running else None,
             "everything_seconds": None if self.everything_seconds is None else round(self.everything_seconds, 3),
+            # {"done", "total", "fraction", "stage"}: point batches decoded so far (while running)
+            "everything_progress": progress.snapshot() if running and progress is not None else None,
+            # (h, w) the image was resized to for the model (long side 1024): the frame of the
+            # ONNX decoder's point_coords
+            "input_size": [int(v) for v in self.predictor.input_size],
         }
 
 
@@ -300,21 +307,38 @@ def everything(session: Session, hierarchical: bool = False, options: Optional[D
         lo, hi = OPTION_LIMITS.get(key, (None, None))
         if lo is not None and not lo <= value <= hi:
             raise InputError(f"everything option {key!r} must be between {lo} and {hi} on this server, got {value!r}")
-    if hierarchical:
-        from ..hierarchical_mask_generator import SamHierarchicalMaskGenerator as Generator
-    else:
-        from ..automatic_mask_generator import SamAutomaticMaskGenerator as Generator
+    from .progress import EverythingProgress, counting_generator
+
+    state = EverythingProgress()
     try:
-        generator = Generator(session.predictor.model, output_mode="coco_rle", **options)
+        generator = counting_generator(hierarchical, session.predictor.model, state, output_mode="coco_rle", **options)
     except TypeError as exc:  # e.g. a float where the generator needs an int
         raise InputError(f"bad everything options: {exc}") from None
     with session.lock:
         if session.everything_started is not None:
             raise Busy("an everything job is already running for this session; wait for it to finish")
+        session.everything_progress = state
         session.everything_started = time.monotonic()
     try:
         records = generator.generate(session.image)
         session.everything_seconds = time.monotonic() - session.everything_started
     finally:
         session.everything_started = None
+        session.everything_progress = None
     return records
+
+
+def embedding_bytes(session: Session) -> tuple:
+    """The session's cached image embedding as raw float32 bytes (C order) and its shape.
+
+    Arguments:
+      session (Session): the image.
+
+    Returns:
+      (bytes, tuple): 1x256x64x64 float32 (little-endian on every platform numpy runs the
+        server on that the browser runs on), and the shape.
+    """
+    with session.lock:
+        emb = session.predictor.get_image_embedding()
+    arr = np.ascontiguousarray(emb.detach().float().cpu().numpy(), dtype="<f4")
+    return arr.tobytes(), tuple(arr.shape)

@@ -1,5 +1,7 @@
 // sam-drop-in serve: the page. Plain JavaScript, no build step, no network beyond this server.
-// The server keeps one embedding per uploaded image (a session); every prompt is decoded there.
+// The server keeps one embedding per uploaded image (a session). Prompts are decoded either on
+// the server (POST /api/predict) or here, by the exported ONNX decoder in onnxruntime-web over
+// the embedding fetched once per image (as segment_anything's demo does); the toolbar switches.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -11,8 +13,14 @@ const S = {
   drag: null,            // {x0, y0, x1, y1, moved} while the mouse button is down
   hover: {inflight: false, pending: null, seq: 0},
   promptSeq: 0,
+  inputSize: null,       // [h, w] of the image resized for the model (the decoder's point frame)
+  decoder: "server",     // where prompts are decoded now: "server" or "browser"
   stats: {hoverMs: [], predictMs: []},
 };
+// The browser decoder: onnxruntime-web, the ONNX decoder session, the current image's embedding.
+const B = {state: "off", note: "", ort: null, session: null, cfg: null, embedding: null, embeddingFor: null,
+           loadingFor: null, threads: 1, zeros: null};
+S.browser = B;
 window.samPage = S;      // for the browser tests and for curious users
 
 const imageCanvas = $("image"), overlay = $("overlay");
@@ -125,9 +133,8 @@ function redraw() {
   }
 }
 
-function showPromptMask(result) {
-  const best = result.masks[0];
-  S.mask = {data: decodeRle(best.segmentation), score: best.score, area: best.area};
+function showPromptMask(mask) {
+  S.mask = mask;
   paintMasks([S.mask.data], [[30, 144, 255]]);
   redraw();
   refreshButtons();
@@ -153,12 +160,17 @@ async function openImage(file) {
   try {
     const info = await api("/api/embed", {method: "POST", headers: {"Content-Type": file.type || "application/octet-stream"}, body: file});
     const bitmap = await createImageBitmap(file);
-    S.session = info.session_id; S.w = info.width; S.h = info.height;
+    S.session = info.session_id; S.w = info.width; S.h = info.height; S.inputSize = info.input_size;
+    B.embedding = null; B.embeddingFor = null;
     for (const c of [imageCanvas, overlay, maskCanvas]) { c.width = S.w; c.height = S.h; }
     imageCanvas.getContext("2d").drawImage(bitmap, 0, 0, S.w, S.h);
     $("stage").hidden = false; $("hint").hidden = true;
     clearMaskLayer();
-    status(`${file.name}: ${S.w}×${S.h}, embedding ${info.embed_seconds.toFixed(2)} s (server). Hover, click or drag.`, false);
+    if (S.decoder === "browser") {
+      status(`${file.name}: ${S.w}×${S.h}, embedding ${info.embed_seconds.toFixed(2)} s (server); fetching it for the browser decoder…`, true);
+      await ensureEmbedding();
+    }
+    status(`${file.name}: ${S.w}×${S.h}, embedding ${info.embed_seconds.toFixed(2)} s (server), decoding in the ${S.decoder}. Hover, click or drag.`, false);
     setState("ready");
   } catch (e) {
     status(`Could not use ${file.name}: ${e.message}`, false);
@@ -191,6 +203,108 @@ function promptBody() {
   return body;
 }
 
+// --- decoding: on the server or in the browser ---------------------------------------------
+
+// The prompt as the ONNX decoder takes it (SamOnnxModel): coordinates in the resized (long side
+// 1024) frame, as ResizeLongestSide.apply_coords scales them; a box as two corners labelled 2
+// and 3; without a box, a padding point labelled -1; no mask input.
+function onnxFeeds(points, labels, box) {
+  const ort = B.ort, [ih, iw] = S.inputSize, sx = iw / S.w, sy = ih / S.h;
+  const coords = [], labs = [];
+  points.forEach((p, i) => { coords.push(p[0] * sx, p[1] * sy); labs.push(labels[i]); });
+  if (box) { coords.push(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy); labs.push(2, 3); }
+  else { coords.push(0, 0); labs.push(-1); }
+  if (!B.zeros) B.zeros = new ort.Tensor("float32", new Float32Array(256 * 256), [1, 1, 256, 256]);
+  return {
+    image_embeddings: B.embedding,
+    point_coords: new ort.Tensor("float32", Float32Array.from(coords), [1, labs.length, 2]),
+    point_labels: new ort.Tensor("float32", Float32Array.from(labs), [1, labs.length]),
+    mask_input: B.zeros,
+    has_mask_input: new ort.Tensor("float32", new Float32Array([0]), [1]),
+    orig_im_size: new ort.Tensor("float32", new Float32Array([S.h, S.w]), [2]),
+  };
+}
+
+async function decodeInBrowser(points, labels, box) {
+  const t0 = performance.now();
+  const out = await B.session.run(onnxFeeds(points, labels, box));
+  const logits = out.masks.data, thr = B.cfg.mask_threshold, data = new Uint8Array(logits.length);
+  let area = 0;
+  for (let i = 0; i < logits.length; i++) if (logits[i] > thr) { data[i] = 1; area++; }
+  return {mask: {data, score: out.iou_predictions.data[0], area}, decoderMs: performance.now() - t0, where: "browser"};
+}
+
+async function decodeOnServer(points, labels, box) {
+  const body = {session_id: S.session, best_only: true};
+  if (points.length) { body.points = points; body.labels = labels; }
+  if (box) body.box = box;
+  const result = await postJSON("/api/predict", body);
+  const best = result.masks[0];
+  return {mask: {data: decodeRle(best.segmentation), score: best.score, area: best.area},
+          decoderMs: result.seconds * 1000, where: "server"};
+}
+
+// Points [[x, y]...] with labels, and/or a box [x0, y0, x1, y1], in pixels of the image.
+function decodePrompt(points, labels, box) {
+  const browser = S.decoder === "browser" && B.state === "ready" && B.embeddingFor === S.session;
+  S.stats.lastDecodedIn = browser ? "browser" : "server";
+  return browser ? decodeInBrowser(points, labels, box) : decodeOnServer(points, labels, box);
+}
+
+async function ensureEmbedding() {
+  if (B.state !== "ready" || !S.session || B.embeddingFor === S.session || B.loadingFor === S.session) return;
+  const session = B.loadingFor = S.session;
+  try {
+    const resp = await fetch(`/api/session/${session}/embedding`);
+    if (!resp.ok) throw new Error(`${resp.status} ${resp.statusText}`);
+    const shape = resp.headers.get("X-Shape").split(",").map(Number);
+    const tensor = new B.ort.Tensor("float32", new Float32Array(await resp.arrayBuffer()), shape);
+    if (session !== S.session) return;
+    B.embedding = tensor; B.embeddingFor = session;
+    // The first run of a session compiles kernels: do it now, not on the first hover.
+    await decodeInBrowser([[S.w / 2, S.h / 2]], [1], null);
+  } catch (e) {
+    browserFailed(`the image embedding could not be fetched (${e.message})`);
+  } finally {
+    if (B.loadingFor === session) B.loadingFor = null;
+  }
+}
+
+function browserFailed(why) {
+  B.state = "failed"; B.note = `Browser decoding is off: ${why}; decoding on the server.`;
+  S.decoder = "server";
+  $("decoder").value = "server";
+  $("decoder-browser").disabled = true;
+  $("decoder-note").textContent = B.note;
+  status(B.note, false);
+}
+
+async function loadBrowserDecoder(cfg) {
+  B.cfg = cfg; B.state = "loading";
+  $("decoder-note").textContent = "loading onnxruntime-web and the ONNX decoder…";
+  try {
+    const ort = await import(cfg.runtime);
+    ort.env.wasm.wasmPaths = {wasm: cfg.wasm};
+    // WebAssembly threads need a cross-origin isolated page (the server sends COOP/COEP);
+    // ?threads=N overrides the default of up to 4.
+    const asked = Number(new URLSearchParams(location.search).get("threads"));
+    B.threads = !self.crossOriginIsolated ? 1 : asked > 0 ? asked : Math.min(4, navigator.hardwareConcurrency || 1);
+    ort.env.wasm.numThreads = B.threads;
+    const resp = await fetch(cfg.model);
+    if (!resp.ok) {
+      let msg = `${resp.status}`;
+      try { msg = (await resp.json()).error; } catch (e) { /* not JSON */ }
+      throw new Error(msg);
+    }
+    B.session = await ort.InferenceSession.create(await resp.arrayBuffer(), {executionProviders: ["wasm"]});
+    B.ort = ort; B.state = "ready";
+    $("decoder-note").textContent = `onnxruntime-web ${ort.env.versions ? ort.env.versions.web || "" : ""}, wasm, ${B.threads} thread(s)`;
+    await ensureEmbedding();
+  } catch (e) {
+    browserFailed(`onnxruntime-web or the decoder did not load (${e.message})`);
+  }
+}
+
 async function predictCommitted() {
   const seq = ++S.promptSeq;
   if (!S.points.length && !S.box) { clearMaskLayer(); return; }
@@ -198,11 +312,12 @@ async function predictCommitted() {
   setState("predicting");
   const t0 = performance.now();
   try {
-    const result = await postJSON("/api/predict", promptBody());
+    const body = promptBody();
+    const result = await decodePrompt(body.points || [], body.labels || [], body.box || null);
     if (seq !== S.promptSeq) return;   // a newer prompt was sent meanwhile
     S.stats.predictMs.push(performance.now() - t0);
-    showPromptMask(result);
-    status(`Mask: predicted IoU ${result.masks[0].score.toFixed(3)}, ${result.masks[0].area} px; ${(performance.now() - t0).toFixed(0)} ms`, false);
+    showPromptMask(result.mask);
+    status(`Mask: predicted IoU ${result.mask.score.toFixed(3)}, ${result.mask.area} px; ${(performance.now() - t0).toFixed(0)} ms (decoded in the ${result.where})`, false);
   } catch (e) {
     status(`Prediction failed: ${e.message}`, false);
   }
@@ -222,13 +337,14 @@ function hoverAt(xy) {
   if (S.hover.inflight) { S.hover.pending = xy; return; }
   S.hover.inflight = true;
   const seq = S.promptSeq, t0 = performance.now();
-  postJSON("/api/predict", {session_id: S.session, points: [xy], labels: [1], best_only: true})
+  decodePrompt([xy], [1], null)
     .then((result) => {
+      // Prompt to mask ready (decoded to pixels), painting excluded: the same span both ways.
       const ms = performance.now() - t0;
       S.stats.hoverMs.push(ms);
       if (seq === S.promptSeq && !S.points.length && !S.box && !S.everything && !S.drag) {
-        showPromptMask(result);
-        status(`Hover: ${ms.toFixed(0)} ms (decoder ${(result.seconds * 1000).toFixed(0)} ms on the server)`, false);
+        showPromptMask(result.mask);
+        status(`Hover: ${ms.toFixed(0)} ms (decoder ${result.decoderMs.toFixed(0)} ms in the ${result.where})`, false);
       }
     })
     .catch((e) => status(`Hover failed: ${e.message}`, false))
@@ -305,11 +421,16 @@ $("everything").addEventListener("click", async () => {
   setState("everything-running");
   $("everything").disabled = true;
   status("Everything: running on the server…", true);
-  // The generators report no fraction done; the server's session status gives the elapsed time.
+  // The server counts the generator's decoded point batches: a real fraction done.
   const poll = setInterval(async () => {
     try {
       const st = await api(`/api/session/${session}`);
-      if (st.everything_running) status(`Everything: running on the server… ${st.everything_elapsed_seconds.toFixed(1)} s`, true);
+      const p = st.everything_progress;
+      if (st.everything_running && p) {
+        $("progress").max = 1; $("progress").value = p.fraction;
+        S.stats.everythingFractions = (S.stats.everythingFractions || []).concat([p.fraction]);
+        status(`Everything: ${(100 * p.fraction).toFixed(0)}% (${p.done} of ${p.total} point batches; ${p.stage}) ${st.everything_elapsed_seconds.toFixed(1)} s`, true);
+      }
     } catch (e) { /* the answer of the main request reports errors */ }
   }, 400);
   try {
@@ -328,6 +449,7 @@ $("everything").addEventListener("click", async () => {
     setState("ready");
   } finally {
     clearInterval(poll);
+    $("progress").removeAttribute("value");   // back to an indeterminate bar
     refreshButtons();
   }
 });
@@ -359,8 +481,28 @@ $("download-json").addEventListener("click", () => {
 
 // --- start ----------------------------------------------------------------------------------
 
+$("decoder").addEventListener("change", (e) => {
+  S.decoder = e.target.value;
+  if (S.decoder === "browser" && B.state === "off" && B.cfg) loadBrowserDecoder(B.cfg);
+  if (S.decoder === "browser") ensureEmbedding();
+  status(`Decoding in the ${S.decoder} from now on.`, false);
+});
+
 api("/api/info").then((info) => {
   $("model-info").textContent = `${info.model_type}, ${info.checkpoint}`;
   $("random-warning").hidden = !info.random_weights;
+  // ?decoder=server|browser overrides the server's default for this tab.
+  const asked = new URLSearchParams(location.search).get("decoder");
+  const want = asked === "server" || asked === "browser" ? asked : info.decoder;
+  $("decoder-note").textContent = info.decoder_note || "";
+  if (!info.browser_decoder) {
+    $("decoder-browser").disabled = true;
+    S.decoder = "server";
+  } else {
+    S.decoder = want; B.cfg = info.browser_decoder;
+    // The decoder file is exported on first request: fetch it only when browser decoding is used.
+    if (S.decoder === "browser") loadBrowserDecoder(info.browser_decoder);
+  }
+  $("decoder").value = S.decoder;
 }).catch((e) => { $("model-info").textContent = `server unreachable: ${e.message}`; });
 refreshButtons();
