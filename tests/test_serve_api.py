@@ -32,9 +32,10 @@ def sam():
 
 
 @pytest.fixture(scope="module")
-def server(sam):
+def server(sam, tmp_path_factory):
     app = create_app(sam, checkpoint="random weights", max_sessions=2,
-                     max_upload_bytes=UPLOAD_LIMIT, max_pixels=PIXEL_LIMIT)
+                     max_upload_bytes=UPLOAD_LIMIT, max_pixels=PIXEL_LIMIT,
+                     cache_dir=tmp_path_factory.mktemp("decoder-cache"))
     with running_server(app) as url, httpx.Client(base_url=url, timeout=300) as client:
         yield client
 
@@ -184,6 +185,98 @@ def test_multipart_without_image_field_is_400(server):
 def test_wrong_method_and_unknown_route(server):
     assert server.get("/api/predict").status_code == 405
     assert server.get("/api/nothing-here").status_code == 404
+
+
+def test_embedding_endpoint_is_the_predictors(server, session, sam):
+    from sam_drop_in.predictor import SamPredictor
+
+    sid, img = session
+    r = server.get(f"/api/session/{sid}/embedding")
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/octet-stream"
+    assert (r.headers["x-shape"], r.headers["x-dtype"]) == ("1,256,64,64", "float32")
+    got = np.frombuffer(r.content, "<f4").reshape(1, 256, 64, 64)
+    p = SamPredictor(sam)
+    p.set_image(img)
+    # Contract: the same encoder code on the same shapes in the same process: bit-identical.
+    np.testing.assert_array_equal(got, p.get_image_embedding().numpy())
+    assert server.get(f"/api/session/{sid}").json()["input_size"] == list(p.input_size)
+    assert "unknown session_id" in _bad(server.get("/api/session/nope/embedding"), 404)
+
+
+def test_decoder_model_endpoint_decodes_like_the_predictor(server, session, sam):
+    """The ONNX decoder the page runs, fed as the page feeds it (SamOnnxModel's prompt encoding:
+    coordinates in the resized frame, a -1 padding point, no mask input)."""
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (onnx extra)")
+    pytest.importorskip("onnx", reason="onnx is not installed (serve extra)")
+    from sam_drop_in.predictor import SamPredictor
+
+    sid, img = session
+    r = server.get("/api/decoder.onnx")
+    assert r.status_code == 200, r.text
+    dec = ort.InferenceSession(r.content, providers=["CPUExecutionProvider"])
+    assert [i.name for i in dec.get_inputs()] == ["image_embeddings", "point_coords", "point_labels", "mask_input",
+                                                   "has_mask_input", "orig_im_size"]
+    emb = np.frombuffer(server.get(f"/api/session/{sid}/embedding").content, "<f4").reshape(1, 256, 64, 64)
+    ih, iw = server.get(f"/api/session/{sid}").json()["input_size"]
+    h, w = img.shape[:2]
+    p = SamPredictor(sam)
+    p.set_image(img)
+    for xy in ([50.0, 40.0], [130.5, 95.0]):
+        feeds = {
+            "image_embeddings": emb,
+            "point_coords": np.array([[[xy[0] * iw / w, xy[1] * ih / h], [0.0, 0.0]]], np.float32),
+            "point_labels": np.array([[1.0, -1.0]], np.float32),
+            "mask_input": np.zeros((1, 1, 256, 256), np.float32),
+            "has_mask_input": np.zeros(1, np.float32),
+            "orig_im_size": np.array([h, w], np.float32),
+        }
+        masks, scores, _ = dec.run(None, feeds)
+        assert masks.shape == (1, 1, h, w) and scores.shape == (1, 1)
+        ref_masks, ref_scores, _ = p.predict(np.array([xy]), np.array([1]), multimask_output=True)
+        best = int(np.argmax(ref_scores))
+        # Contract: ONNX Runtime's and PyTorch's float32 kernels differ by rounding, which can
+        # flip pixels whose logit is within rounding of 0: mask IoU >= 0.99, score within 1e-4.
+        got = masks[0, 0] > 0
+        union = np.logical_or(got, ref_masks[best]).sum()
+        assert np.logical_and(got, ref_masks[best]).sum() / max(union, 1) >= 0.99
+        assert abs(float(scores[0, 0]) - float(ref_scores[best])) < 1e-4
+
+
+def test_browser_runtime_off_and_isolation_headers(server):
+    info = server.get("/api/info").json()
+    assert info["decoder"] == "server" and info["browser_decoder"] is None
+    assert "browser decoding is off" in _bad(server.get("/ort/ort.wasm.bundle.min.mjs"), 404)
+    # Cross-origin isolation (COOP/COEP) on every response: onnxruntime-web may use threads.
+    page = server.get("/")
+    assert page.headers["cross-origin-opener-policy"] == "same-origin"
+    assert page.headers["cross-origin-embedder-policy"] == "require-corp"
+
+
+def test_everything_reports_batches_while_running(server, session):
+    import threading
+    import time
+
+    sid, _ = session
+    result = {}
+    options = {"points_per_side": 8, "points_per_batch": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    job = threading.Thread(target=lambda: result.setdefault(
+        "r", server.post("/api/everything", json={"session_id": sid, "options": options})))
+    job.start()
+    seen = []
+    while job.is_alive():
+        st = server.get(f"/api/session/{sid}").json()
+        if st["everything_running"] and st["everything_progress"] is not None:
+            seen.append(st["everything_progress"])
+        time.sleep(0.05)
+    job.join()
+    assert result["r"].status_code == 200, result["r"].text
+    assert seen, "no progress seen while the job ran"
+    # 8x8 points in batches of 4: 16 batches on the one crop; the fraction never goes back.
+    assert all(p["total"] == 16 and 0 <= p["done"] <= 16 for p in seen)
+    fractions = [p["fraction"] for p in seen]
+    assert fractions == sorted(fractions) and all(0.0 <= f <= 1.0 for f in fractions)
+    assert server.get(f"/api/session/{sid}").json()["everything_progress"] is None
 
 
 def _records_equal(got, ref):

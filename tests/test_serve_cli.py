@@ -22,18 +22,30 @@ def _env():
     return env
 
 
-def test_serve_random_weights_serves_page_and_api():
-    proc = subprocess.Popen([sys.executable, "-m", "sam_drop_in", "serve", "--checkpoint", "random", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+def test_serve_random_weights_serves_page_and_api(tmp_path):
+    # --decoder auto on a machine without npm (empty PATH, empty cache): the server starts,
+    # decodes on the server and says why.
+    env = dict(_env(), PATH=str(tmp_path / "empty"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    proc = subprocess.Popen([sys.executable, "-m", "sam_drop_in", "serve", "--checkpoint", "random", "--port", "0",
+                             "--decoder", "auto"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
+        before = []
         line = proc.stdout.readline()
-        assert "http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        while line and "http://" not in line:
+            before.append(line)
+            line = proc.stdout.readline()
+        assert "http://127.0.0.1:" in line, (before, line, proc.stderr.read() if proc.poll() is not None else "")
+        assert any("browser decoding unavailable" in b for b in before), before
+        assert "decoding in the server" in proc.stdout.readline()
         url = line.split("http://", 1)[1].split()[0]
         with urllib.request.urlopen(f"http://{url}", timeout=60) as r:
             assert b"sam-drop-in" in r.read()
         with urllib.request.urlopen(f"http://{url}api/info", timeout=60) as r:
             info = json.loads(r.read())
         assert info["model_type"] == "vit_t" and info["random_weights"] is True
+        assert info["decoder"] == "server" and info["browser_decoder"] is None
+        assert "unavailable" in info["decoder_note"]
     finally:
         proc.send_signal(signal.SIGINT)
         try:
