@@ -5,7 +5,10 @@ POST /api/embed, then POST /api/predict with one point and best_only (a hover), 
 POST /api/everything. Hover figures are client round trips (HTTP + JSON + decoder + upsampling
 + RLE encoding), which is what the page waits for; "decoder" is the server's own part.
 With --browser, also hovers in headless Chromium (Debian's /usr/bin/chromium via Playwright)
-and reports the page's own round trips (samPage.stats.hoverMs).
+and reports the page's own hover latency (samPage.stats.hoverMs: prompt to mask ready) for each
+decoder in one run, alternating hover by hover: decoder=server (POST /api/predict) and
+decoder=browser (the exported ONNX decoder in onnxruntime-web, WebAssembly, 1 and 2 threads).
+Browser decoding needs onnxruntime-web in the cache (`sam-drop-in serve --fetch-web-runtime`).
 
 The decoder's cost does not depend on the weights' values, so random weights (the default;
 no download) time hover and embedding like real ones. Everything's time does depend on them
@@ -69,7 +72,12 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs, weights: {args.checkpoint}")
-    app = create_app(sam, checkpoint="random weights" if args.checkpoint == "random" else args.checkpoint)
+    from sam_drop_in.serve import web_runtime
+    from sam_drop_in.serve.browser_decoder import onnx_missing
+
+    runtime = web_runtime.installed() if onnx_missing() is None else None
+    app = create_app(sam, checkpoint="random weights" if args.checkpoint == "random" else args.checkpoint,
+                     web_runtime=runtime)
     base = Image.open(args.image).convert("RGB")
     rng = random.Random(0)
     # TCP_NODELAY, as browsers set it: a precaution against Nagle's algorithm holding the
@@ -113,29 +121,49 @@ def main() -> int:
                       f"{args.points_per_side}) on {im.width}x{im.height}: {time.perf_counter() - t0:.1f} s, "
                       f"{r.json()['count']} masks")
         if args.browser:
-            _browser(url, args)
+            _browser(url, args, runtime is not None)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     return 0
 
 
-def _browser(url, args):
+def _browser(url, args, browser_decoding):
     from playwright.sync_api import sync_playwright
 
     from test_serve_browser import CHROMIUM, CHROMIUM_ARGS
 
+    variants = [("server", "decoder=server")]
+    if browser_decoding:
+        variants += [("browser, 1 thread", "decoder=browser&threads=1"), ("browser, 2 threads", "decoder=browser&threads=2")]
+    else:
+        print("\nbrowser decoding not measured: onnxruntime-web is not cached (sam-drop-in serve --fetch-web-runtime) "
+              "or onnx is not installed")
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
-        page.goto(url)
-        page.set_input_files("#file", args.image)
-        page.wait_for_function("document.body.dataset.state === 'ready'", timeout=600_000)
-        box = page.locator("#overlay").bounding_box()
+        pages = []
+        for name, query in variants:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(f"{url}/?{query}")
+            if "browser" in query:
+                page.wait_for_function("['ready', 'failed'].includes(samPage.browser.state)", timeout=600_000)
+                if page.evaluate("samPage.browser.state") != "ready":
+                    raise SystemExit(f"{name}: {page.evaluate('samPage.browser.note')}")
+            page.set_input_files("#file", args.image)
+            page.wait_for_function("document.body.dataset.state === 'ready' && (samPage.decoder === 'server' || "
+                                   "samPage.browser.embeddingFor === samPage.session)", timeout=600_000)
+            pages.append((name, page, page.locator("#overlay").bounding_box()))
+        # One warm-up hover each (the server's first predict allocates), then alternate page by
+        # page so that every decoder sees the same load on a shared machine.
         rng = random.Random(1)
-        for i in range(args.hovers):
-            page.mouse.move(box["x"] + rng.uniform(0.05, 0.95) * box["width"], box["y"] + rng.uniform(0.05, 0.95) * box["height"])
-            page.wait_for_function(f"samPage.stats.hoverMs.length > {i} && !samPage.hover.inflight", timeout=60_000)
-        ms = page.evaluate("samPage.stats.hoverMs")
-        print(f"\nbrowser hover round trip (page's fetch, {args.image}): {_fmt(ms)}")
+        for i in range(args.hovers + 1):
+            fx, fy = rng.uniform(0.05, 0.95), rng.uniform(0.05, 0.95)
+            for name, page, box in pages:
+                page.mouse.move(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+                page.wait_for_function(f"samPage.stats.hoverMs.length > {i} && !samPage.hover.inflight", timeout=60_000)
+        print(f"\nhover in headless Chromium, prompt to mask ready ({args.image}; {args.hovers} hovers each, alternating):")
+        for name, page, _ in pages:
+            ms = page.evaluate("samPage.stats.hoverMs")[1:]
+            where = page.evaluate("samPage.stats.lastDecodedIn")
+            print(f"  decoder={name:<20} {_fmt(ms)}  (decoded in the {where})")
         browser.close()
 
 

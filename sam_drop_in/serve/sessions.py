@@ -335,8 +335,8 @@ def embedding_bytes(session: Session) -> tuple:
       session (Session): the image.
 
     Returns:
-      (bytes, tuple): 1x256x64x64 float32 (little-endian on every platform numpy runs the
-        server on that the browser runs on), and the shape.
+      (bytes, tuple): the 1x256x64x64 embedding as little-endian float32 (the byte order of
+        a browser's Float32Array on every platform WebAssembly runs on), and its shape.
     """
     with session.lock:
         emb = session.predictor.get_image_embedding()
