@@ -284,3 +284,24 @@ def test_browser_decoder_hover_and_click_match_server(browser, browser_decoder_u
     assert abs(got_score - ref["score"]) < 1e-3
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_browser_decoder_that_cannot_load_falls_back_to_server(browser, tmp_path):
+    # onnxruntime-web's files are missing from the folder the server was given (a damaged
+    # cache): the page says so and decodes on the server; nothing breaks.
+    app = create_app(random_vit_t(), checkpoint="random weights", decoder="browser", web_runtime=tmp_path,
+                     cache_dir=tmp_path)
+    with running_server(app) as base:
+        context = browser.new_context(viewport={"width": 1100, "height": 900})
+        page = context.new_page()
+        page.goto(base)
+        page.wait_for_function("samPage.browser.state === 'failed'", timeout=TIMEOUT_MS)
+        assert "decoding on the server" in page.inner_text("#decoder-note")
+        assert page.evaluate("[samPage.decoder, document.getElementById('decoder').value]") == ["server", "server"]
+        _open_image(page)
+        x, y = _canvas_point(page, 0.45, 0.5)
+        page.mouse.move(x, y)
+        page.wait_for_function("samPage.stats.hoverMs.length > 0 && samPage.mask !== null", timeout=TIMEOUT_MS)
+        assert page.evaluate("samPage.stats.lastDecodedIn") == "server"
+        assert _mask_pixels(_overlay_colours(page)) == page.evaluate("samPage.mask.area") > 0
+        context.close()
