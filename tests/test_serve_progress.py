@@ -1,7 +1,6 @@
 """Everything mode's progress (serve/progress.py): counting generators give the same records as
 the generators they extend, and count every decoded batch against a total fixed up front."""
 
-import numpy as np
 import pytest
 
 from sam_drop_in.hierarchical_mask_generator import SamHierarchicalMaskGenerator
