@@ -282,6 +282,16 @@ def test_browser_decoder_hover_and_click_match_server(browser, browser_decoder_u
     # >= 0.99 and predicted IoU within 1e-3.
     assert _mask_iou(got, want) >= 0.99, _mask_iou(got, want)
     assert abs(got_score - ref["score"]) < 1e-3
+
+    # A box alone goes to the server (the exported decoder would choose another mask for it).
+    page.click("#clear")
+    a, b = _canvas_point(page, 0.2, 0.2), _canvas_point(page, 0.7, 0.8)
+    page.mouse.move(*a)
+    page.mouse.down()
+    page.mouse.move(*b, steps=8)
+    page.mouse.up()
+    page.wait_for_function("samPage.box !== null && samPage.stats.predictMs.length === 2", timeout=TIMEOUT_MS)
+    assert page.evaluate("samPage.stats.lastDecodedIn") == "server"
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
 

@@ -246,7 +246,12 @@ async function decodeOnServer(points, labels, box) {
 
 // Points [[x, y]...] with labels, and/or a box [x0, y0, x1, y1], in pixels of the image.
 function decodePrompt(points, labels, box) {
-  const browser = S.decoder === "browser" && B.state === "ready" && B.embeddingFor === S.session;
+  // A box alone goes to the server even in browser mode: the exported decoder
+  // (return_single_mask) would pick the best multimask output for it, the server (as
+  // SamPredictor with multimask_output=False) the single-mask output; this keeps both modes'
+  // masks the same for every prompt.
+  const browser = S.decoder === "browser" && B.state === "ready" && B.embeddingFor === S.session
+    && (points.length > 0 || !box);
   S.stats.lastDecodedIn = browser ? "browser" : "server";
   return browser ? decodeInBrowser(points, labels, box) : decodeOnServer(points, labels, box);
 }
