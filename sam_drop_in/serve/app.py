@@ -279,9 +279,11 @@ def create_app(
     async def runtime_file(request: Request) -> Response:
         name = request.path_params["name"]
         names = {Path(f).name for f in RUNTIME_FILES}
-        if web_runtime is None or name not in names:
+        if web_runtime is None:
             raise ClientError(404, f"no {name!r} here: browser decoding is off on this server "
                                    "(start it with --decoder browser, after sam-drop-in serve --fetch-web-runtime)")
+        if name not in names:
+            raise ClientError(404, f"no {name!r} here: /ort/ serves only {', '.join(sorted(names))}")
         return FileResponse(Path(web_runtime) / name, media_type=RUNTIME_MEDIA_TYPES[Path(name).suffix],
                             headers={"Cache-Control": "max-age=86400"})
 
