@@ -36,8 +36,8 @@ def _same_records(got, ref):
 
 
 @pytest.mark.parametrize("hierarchical, options, expected_total", [
-    # one crop layer: 1 + 4 crops, 4x4 points on each (crop_n_points_downscale_factor 1), batches of 3
-    (False, {"points_per_side": 4, "crop_n_layers": 1, "points_per_batch": 3}, 5 * 6),
+    # one crop layer: 1 + 4 crops, 2x2 points on each (crop_n_points_downscale_factor 1), batches of 3
+    (False, {"points_per_side": 2, "crop_n_layers": 1, "points_per_batch": 3}, 5 * 2),
     (True, {"points_per_side": 8, "points_per_batch": 3}, None),
 ])
 def test_counting_generators_same_records_and_full_count(sam, hierarchical, options, expected_total):
