@@ -290,10 +290,11 @@ async function loadBrowserDecoder(cfg) {
   try {
     const ort = await import(cfg.runtime);
     ort.env.wasm.wasmPaths = {wasm: cfg.wasm};
-    // WebAssembly threads need a cross-origin isolated page (the server sends COOP/COEP);
-    // ?threads=N overrides the default of up to 4.
+    // One thread by default: it was faster than two in docs/serve.md's figures (a busy 2-core
+    // machine). ?threads=N asks for more; WebAssembly threads need a cross-origin isolated
+    // page, which the server's COOP/COEP headers make it.
     const asked = Number(new URLSearchParams(location.search).get("threads"));
-    B.threads = !self.crossOriginIsolated ? 1 : asked > 0 ? asked : Math.min(4, navigator.hardwareConcurrency || 1);
+    B.threads = self.crossOriginIsolated && asked > 1 ? Math.min(asked, navigator.hardwareConcurrency || 1) : 1;
     ort.env.wasm.numThreads = B.threads;
     const resp = await fetch(cfg.model);
     if (!resp.ok) {
