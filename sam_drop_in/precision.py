@@ -3,7 +3,8 @@
     from sam_drop_in import sam_model_registry, SamPredictor
     from sam_drop_in.precision import optimize
 
-    sam = optimize(sam_model_registry["vit_t"](checkpoint="mobile_sam.pt"), mode="int8")
+    sam = optimize(sam_model_registry["vit_t"](checkpoint="mobile_sam.pt"), mode="int8",
+                   calibration="calib_images/")   # optional: static int8 (else dynamic)
     predictor = SamPredictor(sam)   # same API, same output dtypes as in fp32
 
 Modes:
@@ -11,8 +12,15 @@ Modes:
   - ``"bf16"``: the image encoder and mask decoder run in bfloat16 (CUDA, or a CPU with
     AVX-512 BF16 / AMX; on other CPUs bf16 is emulated and slower than fp32, and a warning says so).
   - ``"fp16"``: float16 on CUDA only.
-  - ``"int8"``: dynamic int8 quantisation of every ``nn.Linear`` of the image encoder and mask
-    decoder (weights int8, activations quantised on the fly), CPU only.
+  - ``"int8"``: real int8 execution of the image encoder in ONNX Runtime, CPU only (needs the
+    ``onnx`` extra). With ``calibration=`` images: static quantisation (activation ranges from
+    the images); without: dynamic quantisation (activation ranges computed per call). The
+    encoder's linears run in int8, the rest in float (``quantization/onnx_int8.py`` says why).
+    The mask decoder stays float32: it is small (4M parameters, a few ms per prompt) and its
+    outputs are the masks themselves.
+  - ``"w8a8"`` / ``"w6a6"``: the calibrated *simulated* ("fake-quant") encoder of
+    ``sam_drop_in.quantization.calibrate`` (needs ``calibration=``): integer-exact values
+    computed in float32, for accuracy studies; slower than fp32, not faster.
 
 Every mode keeps the public API of upstream ``segment_anything``: the model still takes and
 returns float32 tensors at its module boundaries (the image encoder's embedding, the mask
@@ -23,7 +31,10 @@ encoder and the mask decoder; the prompt encoder (under 0.1% of the work) stays 
 
 import inspect
 import warnings
-from typing import Any, List
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Union
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -32,7 +43,8 @@ from .modeling._running import inside, running_parts
 
 __all__ = ["MODES", "optimize", "cpu_has_native_bf16"]
 
-MODES = ("fp32", "bf16", "fp16", "int8")
+MODES = ("fp32", "bf16", "fp16", "int8", "w8a8", "w6a6")
+_SIMULATED = ("w8a8", "w6a6")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _ATTR = "_sam_drop_in_precision"
 
@@ -49,26 +61,40 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def optimize(model: nn.Module, mode: str = "fp32", compile: bool = False) -> nn.Module:
+def optimize(
+    model: nn.Module,
+    mode: str = "fp32",
+    compile: bool = False,
+    *,
+    calibration: Optional[Union[str, Path, Sequence[np.ndarray]]] = None,
+) -> nn.Module:
     """Prepares a built SAM model for fast inference in the chosen precision, in place.
 
     Move the model to its device first (``model.to("cuda")``), then call this; the model is
-    meant for inference afterwards (an int8 model's state dict holds packed weights and no longer
-    loads into a float model).
+    meant for inference afterwards (an int8 or w8a8/w6a6 model's image encoder is replaced by a
+    quantised one, whose state dict is not the float encoder's: keep the float checkpoint for
+    saving).
 
     Arguments:
-      model (Sam): a model from ``sam_model_registry`` / ``build_sam_*`` (any image encoder).
-      mode (str): "fp32", "bf16", "fp16" (CUDA only) or "int8" (CPU only).
+      model (Sam): a model from ``sam_model_registry`` / ``build_sam_*`` (any image encoder for
+        the float modes and int8; w8a8/w6a6 need an encoder ``quantization.calibrate`` knows).
+      mode (str): "fp32", "bf16", "fp16" (CUDA only), "int8" (CPU only), "w8a8" or "w6a6".
       compile (bool): also ``torch.compile`` the image encoder and mask decoder in place (state
         dict keys unchanged). The first call then takes a while to compile; on CPU it needs a
-        C++ compiler.
+        C++ compiler. An int8 encoder runs in ONNX Runtime and is left out of compilation.
+      calibration (str, Path, list of np.ndarray or None): keyword only; a folder of images or
+        HxWx3 uint8 RGB arrays (a handful of photographs like the ones you will segment). int8:
+        static quantisation calibrated on them (without: dynamic quantisation). w8a8/w6a6:
+        required. Refused (ValueError) with the float modes, which would not use it.
 
     Returns:
       (Sam): the same model object, in eval mode, with float32 inputs and outputs at the module
         boundaries whatever the mode.
 
-    Raises ValueError (with what to do instead) for an unknown mode, fp16 off CUDA, int8 on
-    CUDA, or a model already optimised.
+    Raises ValueError (with what to do instead) for an unknown mode, fp16 off CUDA, int8 or
+    w8a8/w6a6 on CUDA, w8a8/w6a6 without calibration images, calibration images with a float
+    mode, or a model already optimised; ImportError naming the extra for int8 without ONNX
+    Runtime.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}.")
@@ -91,8 +117,25 @@ def optimize(model: nn.Module, mode: str = "fp32", compile: bool = False) -> nn.
         )
     if mode == "int8" and device.type != "cpu":
         raise ValueError(
-            f"mode='int8' (dynamic quantisation) runs on CPU only but the model is on {device.type}; "
+            f"mode='int8' runs the encoder in ONNX Runtime on CPU only but the model is on {device.type}; "
             "on CUDA use mode='bf16' or mode='fp16'."
+        )
+    if mode in _SIMULATED:
+        if calibration is None:
+            raise ValueError(
+                f"mode={mode!r} calibrates a simulated quantised encoder and needs images: pass "
+                f"calibration='a_folder_of_images/' or calibration=[HxWx3 uint8 arrays] (a handful of "
+                "photographs like the ones you will segment)."
+            )
+        if device.type != "cpu":
+            raise ValueError(
+                f"mode={mode!r} (simulated quantisation, for accuracy studies) is set up on CPU here but the "
+                f"model is on {device.type}; calibrate on CPU, or on CUDA use mode='bf16' or mode='fp16'."
+            )
+    elif calibration is not None and mode != "int8":
+        raise ValueError(
+            f"calibration images are used by modes 'int8', 'w8a8' and 'w6a6', not by mode={mode!r}; "
+            "drop the calibration argument or choose one of those modes."
         )
     model.eval()
     if mode == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
@@ -105,16 +148,14 @@ def optimize(model: nn.Module, mode: str = "fp32", compile: bool = False) -> nn.
     if mode in _DTYPES:
         _reduce_precision(model, _DTYPES[mode])
     elif mode == "int8":
-        from torch.ao.quantization import quantize_dynamic
+        from .quantization.onnx_int8 import int8_image_encoder
 
-        with warnings.catch_warnings():
-            # torch 2.14 deprecates the quantized tensor type that quantize_dynamic packs its
-            # weights into (pytorch#184982); it still works, and its successor (torchao) is not
-            # a dependency of this package. The deprecation is stated in docs/speed.md.
-            warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated.*")
-            warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated", category=DeprecationWarning)
-            for name in ("image_encoder", "mask_decoder"):
-                quantize_dynamic(getattr(model, name), {nn.Linear}, dtype=torch.qint8, inplace=True)
+        # Built from the float encoder before it is replaced; a failure leaves the model as it was.
+        model.image_encoder = int8_image_encoder(model, calibration)
+    elif mode in _SIMULATED:
+        from .quantization import calibrate
+
+        model.image_encoder = calibrate(model, calibration, mode).eval()
     if compile:
         model.image_encoder.compile()
         model.mask_decoder.compile()

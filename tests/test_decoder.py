@@ -229,11 +229,15 @@ def test_cache_follows_features_assigned_directly(predictor):
 
 
 def test_cache_follows_replaced_layers(predictor):
-    """Quantising (or otherwise replacing) decoder layers after a predict takes effect."""
-    from sam_drop_in.precision import optimize
-
+    """Replacing decoder layers (as a quantisation or fine-tuning tool does) after a predict
+    takes effect."""
     before = _check_against_uncached(predictor)
-    optimize(predictor.model, mode="int8")
+    attn = predictor.model.mask_decoder.transformer.layers[0].cross_attn_token_to_image
+    new = torch.nn.Linear(attn.k_proj.in_features, attn.k_proj.out_features)
+    with torch.no_grad():
+        new.weight.copy_(attn.k_proj.weight * 1.5)
+        new.bias.copy_(attn.k_proj.bias)
+    attn.k_proj = new
     after = _check_against_uncached(predictor)
     assert not np.array_equal(before, after)
 

@@ -263,7 +263,8 @@ def small_fp32_masks(small_sd, coffee):
 
 @pytest.mark.parametrize("mode", ["fp32", "int8"])
 def test_cpu_modes_keep_api_dtypes_and_agree(mode, small_sd, coffee, small_fp32_masks):
-    """fp32 and int8 (dynamic quantisation is CPU-only) on the 1024-pixel small ViT."""
+    """fp32 and int8 (the encoder in ONNX Runtime, CPU-only; dynamic without calibration
+    images) on the 1024-pixel small ViT. tests/test_quant_real.py tests the calibrated int8."""
     base = small_fp32_masks
     pred = SamPredictor(_small(small_sd, mode))
     pred.set_image(coffee)
@@ -289,17 +290,30 @@ def test_bad_modes_raise_clearly(small_sd):
     assert optimize(m, "int8") is m  # same choice again: nothing to do
     with pytest.raises(ValueError, match="already optimised"):
         optimize(m, "fp32")
-    assert set(MODES) == {"fp32", "bf16", "fp16", "int8"}
+    assert set(MODES) == {"fp32", "bf16", "fp16", "int8", "w8a8", "w6a6"}
 
 
-def test_int8_quantises_linear_layers(small_sd):
+def test_int8_replaces_the_encoder_only(small_sd):
+    """int8 runs the image encoder as an int8 ONNX model (integer matrix products on int8
+    weights); the mask decoder stays the float32 one, every parameter unchanged."""
+    import onnx
+
+    from sam_drop_in.quantization.onnx_int8 import OnnxImageEncoder
+
+    ref = _small(small_sd)
     m = _small(small_sd, "int8")
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    assert isinstance(m.image_encoder, OnnxImageEncoder) and m.image_encoder.quantized == "int8-dynamic"
+    graph = onnx.load_from_string(m.image_encoder._model).graph
+    assert "MatMulInteger" in {n.op_type for n in graph.node}
+    assert any(t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) for t in graph.initializer)
+    for (name, p), (ref_name, ref_p) in zip(m.mask_decoder.named_parameters(), ref.mask_decoder.named_parameters()):
+        assert name == ref_name and p.dtype == torch.float32 and torch.equal(p, ref_p)
 
-    for part in (m.image_encoder, m.mask_decoder):
-        mods = list(part.modules())
-        assert not any(type(mod) is torch.nn.Linear for mod in mods)
-        assert any(isinstance(mod, DynamicLinear) for mod in mods)
+
+def test_no_deprecated_quantization_api():
+    """torch.ao.quantization (deprecated in torch 2.14) is used nowhere in the package."""
+    hits = [str(p) for p in PACKAGE.rglob("*.py") if "torch.ao" in p.read_text(encoding="utf-8")]
+    assert hits == []
 
 
 def test_vit_t_int8_agrees_with_fp32(coffee):
