@@ -1,8 +1,16 @@
-"""Agreement of the simulated (fake-quant) W8A8 / W6A6 encoder (vit_t, or a ViT) with fp32.
+"""Agreement of the simulated (fake-quant) W8A8 / W6A6 encoder (vit_t, or a ViT) with fp32, and
+(--real) the speed and agreement of the real int8 encoder in ONNX Runtime.
 
     python benchmarks/bench_quant.py                      # vit_t, full size (1024), w8a8 and w6a6
     python benchmarks/bench_quant.py --image-size 256 --recipes w8a8
     python benchmarks/bench_quant.py --model-type vit_b --calib-images 2 --max-search-rows 1024 --time-repeats 1
+    python benchmarks/bench_quant.py --real --threads 2   # real int8 (ONNX Runtime) only
+
+--real times, alternating in one process (so a shared machine's load hits all alike), our
+PyTorch fp32 encoder (after precision.optimize(sam, "fp32"), eager), the same encoder exported to
+ONNX and run by ONNX Runtime in fp32, and its int8 versions (static QDQ for each --methods
+calibration method, and dynamic); and reports each one's embedding cosine and mean mask IoU
+against our fp32 on the evaluation photographs, and the files' sizes.
 
 Weights: the architecture of --model-type (vit_t: MobileSAM's) with perturbed random weights
 (compat_tests' perturbed_state_dict, seed 0), as in bench_speed.py; with random weights many logits sit near the threshold, so the
@@ -59,7 +67,13 @@ def main(argv=None) -> int:
     ap.add_argument("--amg", action="store_true",
                     help="also AMG records matched on the first evaluation photograph (8x8 points, no filtering)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--real", action="store_true", help="only the real int8 encoder (ONNX Runtime)")
+    ap.add_argument("--methods", default="minmax,percentile", help="--real: static calibration methods")
+    ap.add_argument("--threads", type=int, default=0, help="--real: intra-op threads (default: torch's)")
+    ap.add_argument("--reps", type=int, default=3, help="--real: timed repetitions of each encoder")
     args = ap.parse_args(argv)
+    if args.real:
+        return real_int8(args)
 
     torch.manual_seed(0)
     sam = build_sam_sized(args.model_type, image_size=args.image_size).eval()
@@ -120,6 +134,117 @@ def main(argv=None) -> int:
         results["recipes"][name] = r
         print(name, json.dumps(r), flush=True)
     results["fp32_encoder_bytes"] = fp32_bytes
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def _agreement(sam, encoder, evals, ref_masks, ref_emb):
+    """(embedding cosines per image, mean mask IoU per image) of ``sam`` with ``encoder``."""
+    from sam_drop_in import SamPredictor
+
+    qsam = copy.deepcopy(sam)
+    qsam.image_encoder = encoder
+    pred = SamPredictor(qsam)
+    ious, coss = [], []
+    for im, rm, re in zip(evals, ref_masks, ref_emb):
+        ious.append(mean_iou(predict_quality_masks(pred, im), rm))
+        coss.append(float(torch.nn.functional.cosine_similarity(pred.get_image_embedding().flatten(), re.flatten(), 0)))
+    return coss, ious
+
+
+def real_int8(args) -> int:
+    """Our fp32 encoder, ONNX Runtime fp32 and ONNX Runtime int8: time, agreement, size."""
+    import logging
+    import statistics
+
+    from safetensors.torch import save_file
+    from skimage import data
+
+    from sam_drop_in import SamPredictor, onnx_export, quantization
+    from sam_drop_in.build_sam import _build
+    from sam_drop_in.precision import optimize
+    from sam_drop_in.quantization.onnx_int8 import OnnxImageEncoder, export_int8_encoder
+
+    logging.disable(logging.WARNING)  # ONNX Runtime's quantiser logs one line per LayerNorm weight
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    sam = _build("vit_t", image_size=args.image_size).eval()
+    sam.load_state_dict(perturbed_state_dict(sam.state_dict(), seed=0))
+    optimize(sam, "fp32")
+    calib = [data.rocket(), data.immunohistochemistry(), data.hubble_deep_field()]
+    evals = load_images()
+    ref_pred = SamPredictor(sam)
+    ref_masks, ref_emb = [], []
+    for im in evals:
+        ref_masks.append(predict_quality_masks(ref_pred, im))
+        ref_emb.append(ref_pred.get_image_embedding().clone())
+
+    tmp = tempfile.mkdtemp()
+    sizes = {}
+    fp32_st = os.path.join(tmp, "fp32.safetensors")
+    save_file({k: v.contiguous() for k, v in sam.image_encoder.state_dict().items()}, fp32_st)
+    sizes["torch_fp32_safetensors"] = os.path.getsize(fp32_st)
+    head = sum(v.numel() * 4 for k, v in sam.image_encoder.state_dict().items() if k.startswith(("head.", "norm_head.")))
+    sizes["torch_fp32_safetensors_without_head"] = sizes["torch_fp32_safetensors"] - head
+
+    encoders, build_s = {"torch_fp32": sam.image_encoder}, {}
+    path = os.path.join(tmp, "ort_fp32.onnx")
+    t0 = time.perf_counter()
+    onnx_export.export_encoder(sam, path, include_preprocessing=False)
+    build_s["ort_fp32"] = time.perf_counter() - t0
+    encoders["ort_fp32"] = OnnxImageEncoder.from_file(path)
+    sizes["ort_fp32"] = os.path.getsize(path)
+    for method in [m for m in args.methods.split(",") if m] + ["dynamic"]:
+        name = f"ort_int8_{method}"
+        path = os.path.join(tmp, name + ".onnx")
+        t0 = time.perf_counter()
+        export_int8_encoder(sam, path, None if method == "dynamic" else calib, method="minmax" if method == "dynamic" else method)
+        build_s[name] = time.perf_counter() - t0
+        encoders[name] = OnnxImageEncoder.from_file(path)
+        sizes[name] = os.path.getsize(path)
+        print(f"built {name} in {build_s[name]:.1f} s", flush=True)
+
+    x = quantization.preprocess(sam, evals[0])
+    times = {k: [] for k in encoders}
+    with torch.inference_mode():
+        for enc in encoders.values():
+            enc(x)  # warm-up (ONNX Runtime builds its session at the first call)
+        for _ in range(args.reps):
+            for k, enc in encoders.items():
+                t = time.perf_counter()
+                enc(x)
+                times[k].append(time.perf_counter() - t)
+
+    base = min(times["torch_fp32"])
+    results = {
+        "image_size": args.image_size,
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "sizes_bytes": sizes,
+        "build_s": {k: round(v, 1) for k, v in build_s.items()},
+        "encoders": {},
+    }
+    for k, enc in encoders.items():
+        r = {
+            "time_min_s": round(min(times[k]), 3),
+            "time_median_s": round(statistics.median(times[k]), 3),
+            "speedup_vs_torch_fp32": round(base / min(times[k]), 2),
+            "speedup_vs_ort_fp32": round(min(times["ort_fp32"]) / min(times[k]), 2),
+        }
+        if k != "torch_fp32":
+            coss, ious = _agreement(sam, enc, evals, ref_masks, ref_emb)
+            r.update({
+                "embedding_cosine": [round(c, 5) for c in coss],
+                "mean_mask_iou": round(sum(ious) / len(ious), 4),
+                "mask_iou_per_image": [round(i, 4) for i in ious],
+                "size_vs_fp32_safetensors": round(sizes[k] / sizes["torch_fp32_safetensors"], 3),
+            })
+        results["encoders"][k] = r
+        print(k, json.dumps(r), flush=True)
+    print("sizes", json.dumps(sizes), "load average", os.getloadavg(), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
