@@ -20,7 +20,6 @@ import torch
 from sam_drop_in import SamPredictor
 from sam_drop_in._errors import InputError
 from sam_drop_in.precision import optimize
-from sam_drop_in.quantization import onnx_int8
 from sam_drop_in.quantization.onnx_int8 import OnnxImageEncoder, export_int8_encoder
 from sam_drop_in.testing import load_image, mean_iou, perturbed_state_dict, predict_quality_masks, small_sam
 
