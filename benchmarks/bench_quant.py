@@ -163,7 +163,7 @@ def real_int8(args) -> int:
     from skimage import data
 
     from sam_drop_in import SamPredictor, onnx_export, quantization
-    from sam_drop_in.build_sam import _build
+    from sam_drop_in.build_sam import build_sam_sized
     from sam_drop_in.precision import optimize
     from sam_drop_in.quantization.onnx_int8 import OnnxImageEncoder, export_int8_encoder
 
@@ -171,7 +171,7 @@ def real_int8(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    sam = _build("vit_t", image_size=args.image_size).eval()
+    sam = build_sam_sized("vit_t", image_size=args.image_size).eval()
     sam.load_state_dict(perturbed_state_dict(sam.state_dict(), seed=0))
     optimize(sam, "fp32")
     calib = [data.rocket(), data.immunohistochemistry(), data.hubble_deep_field()]

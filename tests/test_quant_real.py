@@ -204,11 +204,11 @@ def test_wrong_onnx_model_is_refused(sd, tmp_path):
 
 
 def test_w8a8_mode_is_the_calibrated_simulated_encoder(coffee):
-    from sam_drop_in.build_sam import _build
+    from sam_drop_in.build_sam import build_sam_sized
     from sam_drop_in.quantization import QuantizedTinyViT
 
     # vit_t at 256 px (16x16 embedding) keeps the calibration search to seconds.
-    m = _build("vit_t", image_size=256)
+    m = build_sam_sized("vit_t", image_size=256)
     m.load_state_dict(perturbed_state_dict(m.state_dict(), seed=1))
     ref = SamPredictor(copy.deepcopy(m))
     ref.set_image(coffee)
