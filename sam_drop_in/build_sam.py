@@ -96,10 +96,6 @@ def build_sam_sized(model_type: str, image_size: int = _IMAGE_SIZE, checkpoint=N
     return _build_sam(**_VIT_CONFIGS[model_type], checkpoint=checkpoint, model_type=model_type, image_size=image_size)
 
 
-# The name tests and benchmarks of branches still in flight import; build_sam_sized is the public one.
-_build = build_sam_sized
-
-
 def _build_sam(
     encoder_embed_dim: int,
     encoder_depth: int,
