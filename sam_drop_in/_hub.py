@@ -184,8 +184,9 @@ def _where(loc_repo: str, filename: str, revision: str | None) -> str:
     return f"'{filename}' in repo '{loc_repo}' at revision '{revision or 'main'}'"
 
 
-def _translate(exc: BaseException, repo_id: str, filename: str | None, revision: str | None) -> tuple[str, bool]:
-    """Turn a huggingface_hub / network exception into (message, is_not_found)."""
+def _hub_error(exc: BaseException, repo_id: str, filename: str | None, revision: str | None) -> CheckpointError:
+    """Turn a huggingface_hub / network exception into our error (CheckpointNotFoundError for what
+    does not exist, CheckpointError for the rest), with a message that says what to do."""
     from huggingface_hub import errors as hf_errors
 
     what = _where(repo_id, filename, revision) if filename else f"repo '{repo_id}' at revision '{revision or 'main'}'"
@@ -193,49 +194,43 @@ def _translate(exc: BaseException, repo_id: str, filename: str | None, revision:
     local_hint = "or download the file yourself and pass its local path as checkpoint="
     if isinstance(exc, hf_errors.HFValidationError) or (type(exc) is ValueError and "filename" in str(exc)):
         # parse_hf_uri applies the Hub's rules first; this is a rule huggingface_hub added since.
-        return f"huggingface_hub refused the address of {what}: {exc}; correct the hf:// address", False
+        return CheckpointError(f"huggingface_hub refused the address of {what}: {exc}; correct the hf:// address")
     if isinstance(exc, hf_errors.RepositoryNotFoundError):
-        return (
+        return CheckpointNotFoundError(
             f"Hub repository '{repo_id}' was not found at {endpoint} (if it is private or gated, log in with "
-            "`hf auth login` or set HF_TOKEN)",
-            True,
+            "`hf auth login` or set HF_TOKEN)"
         )
     if isinstance(exc, hf_errors.RevisionNotFoundError):
-        return f"revision '{revision}' does not exist in Hub repo '{repo_id}' ({endpoint})", True
+        return CheckpointNotFoundError(f"revision '{revision}' does not exist in Hub repo '{repo_id}' ({endpoint})")
     if isinstance(exc, hf_errors.LocalEntryNotFoundError):
         cause = exc.__cause__
         if _offline():
-            return (
+            return CheckpointNotFoundError(
                 f"HF_HUB_OFFLINE is set and {what} is not in the local cache ({_cache_dir()}); "
-                f"load it once with network access, {local_hint}",
-                True,
+                f"load it once with network access, {local_hint}"
             )
         if isinstance(cause, hf_errors.HfHubHTTPError) and cause.response is not None:
-            return (
+            return CheckpointError(
                 f"the Hub at {endpoint} answered HTTP {cause.response.status_code} for {what}, and the file is not "
-                f"in the local cache ({_cache_dir()}); try again later, {local_hint}",
-                False,
+                f"in the local cache ({_cache_dir()}); try again later, {local_hint}"
             )
-        return (
+        return CheckpointError(
             f"could not reach the Hub at {endpoint} ({type(cause).__name__ if cause else 'no connection'}) "
             f"and {what} is not in the local cache ({_cache_dir()}); check the connection, set HF_HUB_OFFLINE=1 "
-            f"to use files cached earlier, {local_hint}",
-            False,
+            f"to use files cached earlier, {local_hint}"
         )
     if isinstance(exc, hf_errors.EntryNotFoundError):
-        return f"file not found: {what} ({endpoint})", True
+        return CheckpointNotFoundError(f"file not found: {what} ({endpoint})")
     if isinstance(exc, hf_errors.HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else "error"
-        return (
+        return CheckpointError(
             f"the Hub at {endpoint} answered HTTP {status} while downloading {what}; nothing was added to the "
-            f"cache; try again later, {local_hint}",
-            False,
+            f"cache; try again later, {local_hint}"
         )
     # Consistency-check OSError from http_get, or the connection dropping mid-transfer.
-    return (
+    return CheckpointError(
         f"the download of {what} from {endpoint} did not complete ({type(exc).__name__}: {exc}); "
-        f"the partial file was not accepted into the cache; try again, {local_hint}",
-        False,
+        f"the partial file was not accepted into the cache; try again, {local_hint}"
     )
 
 
@@ -257,11 +252,7 @@ def download_timeout(value: float | None = None) -> float:
         raw = os.environ.get(DOWNLOAD_TIMEOUT_ENV, "").strip()
         if not raw:
             return DEFAULT_DOWNLOAD_TIMEOUT
-        origin = f"{DOWNLOAD_TIMEOUT_ENV}={raw!r}"
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
+        origin, value = f"{DOWNLOAD_TIMEOUT_ENV}={raw!r}", raw
     try:
         seconds = float(value)
     except (TypeError, ValueError):
@@ -459,11 +450,6 @@ def _evict(snapshot_path: str) -> None:
             os.remove(p)
         except OSError:
             pass
-
-
-def _hub_error(exc: BaseException, repo_id: str, filename: str | None, revision: str | None) -> CheckpointError:
-    message, not_found = _translate(exc, repo_id, filename, revision)
-    return (CheckpointNotFoundError if not_found else CheckpointError)(message)
 
 
 def download(repo_id: str, filename: str, revision: str | None) -> str:
