@@ -31,55 +31,49 @@ _MOBILESAM_PAPER = "https://arxiv.org/abs/2306.14289"
 _TINYSAM_PAPER = "https://arxiv.org/abs/2312.13789"
 _SLIMSAM_PAPER = "https://arxiv.org/abs/2312.05284"
 
+
+def _entry(name: str, model_type: str | None, repo: str, file: str, layout: str, format: str,
+           license: str | None, paper: str, status: str = "exists", default: bool = False) -> dict[str, Any]:
+    return {"name": name, "model_type": model_type, "repo": repo, "file": file, "revision": "main",
+            "layout": layout, "format": format, "license": license, "paper": paper, "sha256": None,
+            "status": status, "default": default}
+
+
 MANIFEST: tuple[dict[str, Any], ...] = (
+    # _entry(name, model_type, repo, file, layout, format, license, paper, status, default); every
+    # revision is "main" and no sha256 has been checked offline yet (see the field list above).
     # Meta's SAM, as published by Hugging Face in transformers' layout (safetensors: the safe default).
-    {"name": "sam-vit-base", "model_type": "vit_b", "repo": "facebook/sam-vit-base", "file": "model.safetensors",
-     "revision": "main", "layout": "transformers", "format": "safetensors", "license": "Apache-2.0",
-     "paper": _SAM_PAPER, "sha256": None, "status": "exists", "default": True},
-    {"name": "sam-vit-large", "model_type": "vit_l", "repo": "facebook/sam-vit-large", "file": "model.safetensors",
-     "revision": "main", "layout": "transformers", "format": "safetensors", "license": "Apache-2.0",
-     "paper": _SAM_PAPER, "sha256": None, "status": "exists", "default": True},
-    {"name": "sam-vit-huge", "model_type": "vit_h", "repo": "facebook/sam-vit-huge", "file": "model.safetensors",
-     "revision": "main", "layout": "transformers", "format": "safetensors", "license": "Apache-2.0",
-     "paper": _SAM_PAPER, "sha256": None, "status": "exists", "default": True},
+    _entry("sam-vit-base", "vit_b", "facebook/sam-vit-base", "model.safetensors",
+           "transformers", "safetensors", "Apache-2.0", _SAM_PAPER, default=True),
+    _entry("sam-vit-large", "vit_l", "facebook/sam-vit-large", "model.safetensors",
+           "transformers", "safetensors", "Apache-2.0", _SAM_PAPER, default=True),
+    _entry("sam-vit-huge", "vit_h", "facebook/sam-vit-huge", "model.safetensors",
+           "transformers", "safetensors", "Apache-2.0", _SAM_PAPER, default=True),
     # Meta's original .pth files, mirrored.
-    {"name": "sam_vit_b_01ec64", "model_type": "vit_b", "repo": "ybelkada/segment-anything",
-     "file": "checkpoints/sam_vit_b_01ec64.pth", "revision": "main", "layout": "segment_anything",
-     "format": "pickle", "license": "Apache-2.0", "paper": _SAM_PAPER, "sha256": None, "status": "exists",
-     "default": False},
-    {"name": "sam_vit_l_0b3195", "model_type": "vit_l", "repo": "ybelkada/segment-anything",
-     "file": "checkpoints/sam_vit_l_0b3195.pth", "revision": "main", "layout": "segment_anything",
-     "format": "pickle", "license": "Apache-2.0", "paper": _SAM_PAPER, "sha256": None, "status": "exists",
-     "default": False},
-    {"name": "sam_vit_h_4b8939", "model_type": "vit_h", "repo": "ybelkada/segment-anything",
-     "file": "checkpoints/sam_vit_h_4b8939.pth", "revision": "main", "layout": "segment_anything",
-     "format": "pickle", "license": "Apache-2.0", "paper": _SAM_PAPER, "sha256": None, "status": "exists",
-     "default": False},
+    _entry("sam_vit_b_01ec64", "vit_b", "ybelkada/segment-anything", "checkpoints/sam_vit_b_01ec64.pth",
+           "segment_anything", "pickle", "Apache-2.0", _SAM_PAPER),
+    _entry("sam_vit_l_0b3195", "vit_l", "ybelkada/segment-anything", "checkpoints/sam_vit_l_0b3195.pth",
+           "segment_anything", "pickle", "Apache-2.0", _SAM_PAPER),
+    _entry("sam_vit_h_4b8939", "vit_h", "ybelkada/segment-anything", "checkpoints/sam_vit_h_4b8939.pth",
+           "segment_anything", "pickle", "Apache-2.0", _SAM_PAPER),
     # MobileSAM (vit_t).
-    {"name": "mobile_sam", "model_type": "vit_t", "repo": "dhkim2810/MobileSAM", "file": "mobile_sam.pt",
-     "revision": "main", "layout": "segment_anything", "format": "pickle", "license": "Apache-2.0",
-     "paper": _MOBILESAM_PAPER, "sha256": None, "status": "exists", "default": True},
-    {"name": "mobile_sam-mirror", "model_type": "vit_t", "repo": "ybelkada/segment-anything",
-     "file": "checkpoints/mobile_sam.pth", "revision": "main", "layout": "segment_anything", "format": "pickle",
-     "license": "Apache-2.0", "paper": _MOBILESAM_PAPER, "sha256": None, "status": "exists", "default": False},
+    _entry("mobile_sam", "vit_t", "dhkim2810/MobileSAM", "mobile_sam.pt",
+           "segment_anything", "pickle", "Apache-2.0", _MOBILESAM_PAPER, default=True),
+    _entry("mobile_sam-mirror", "vit_t", "ybelkada/segment-anything", "checkpoints/mobile_sam.pth",
+           "segment_anything", "pickle", "Apache-2.0", _MOBILESAM_PAPER),
     # TinySAM (vit_t, same layout as MobileSAM).
-    {"name": "tinysam", "model_type": "vit_t", "repo": "merve/tinysam", "file": "tinysam.pth", "revision": "main",
-     "layout": "segment_anything", "format": "pickle", "license": "Apache-2.0", "paper": _TINYSAM_PAPER,
-     "sha256": None, "status": "unconfirmed", "default": False},
+    _entry("tinysam", "vit_t", "merve/tinysam", "tinysam.pth",
+           "segment_anything", "pickle", "Apache-2.0", _TINYSAM_PAPER, "unconfirmed"),
     # SlimSAM: pruned ViT widths, not one of the standard builders' shapes.
-    {"name": "slimsam-50", "model_type": None, "repo": "Zigeng/SlimSAM-uniform-50", "file": "model.safetensors",
-     "revision": "main", "layout": "transformers", "format": "safetensors", "license": None,
-     "paper": _SLIMSAM_PAPER, "sha256": None, "status": "exists", "default": False},
-    {"name": "slimsam-77", "model_type": None, "repo": "Zigeng/SlimSAM-uniform-77", "file": "model.safetensors",
-     "revision": "main", "layout": "transformers", "format": "safetensors", "license": None,
-     "paper": _SLIMSAM_PAPER, "sha256": None, "status": "exists", "default": False},
+    _entry("slimsam-50", None, "Zigeng/SlimSAM-uniform-50", "model.safetensors",
+           "transformers", "safetensors", None, _SLIMSAM_PAPER),
+    _entry("slimsam-77", None, "Zigeng/SlimSAM-uniform-77", "model.safetensors",
+           "transformers", "safetensors", None, _SLIMSAM_PAPER),
     # Published by this project with `sam-drop-in convert --push-to-hub`: segment_anything layout, safetensors.
-    {"name": "mobile_sam-safetensors", "model_type": "vit_t", "repo": "sam-drop-in/mobile-sam",
-     "file": "model.safetensors", "revision": "main", "layout": "segment_anything", "format": "safetensors",
-     "license": "Apache-2.0", "paper": _MOBILESAM_PAPER, "sha256": None, "status": "planned", "default": False},
-    {"name": "tinysam-safetensors", "model_type": "vit_t", "repo": "sam-drop-in/tinysam",
-     "file": "model.safetensors", "revision": "main", "layout": "segment_anything", "format": "safetensors",
-     "license": "Apache-2.0", "paper": _TINYSAM_PAPER, "sha256": None, "status": "planned", "default": False},
+    _entry("mobile_sam-safetensors", "vit_t", "sam-drop-in/mobile-sam", "model.safetensors",
+           "segment_anything", "safetensors", "Apache-2.0", _MOBILESAM_PAPER, "planned"),
+    _entry("tinysam-safetensors", "vit_t", "sam-drop-in/tinysam", "model.safetensors",
+           "segment_anything", "safetensors", "Apache-2.0", _TINYSAM_PAPER, "planned"),
 )
 
 MODEL_CARD_TEMPLATE = """---
