@@ -196,12 +196,15 @@ def _transformer(transformer: TwoWayTransformer, side: ImageSide, point_embeddin
     for i, layer in enumerate(transformer.layers):
         if i == 0:
             queries, keys = _block(layer, queries, point_embedding, keys, side.first)
-        elif _folds(layer.cross_attn_token_to_image, point_embedding.shape[1]):
-            bias = side.biases[i - 1]
-            proj = _project_image_queries(layer, keys, bias)
+            continue
+        bias = side.biases[i - 1]
+        if _folds(layer.cross_attn_token_to_image, point_embedding.shape[1]):
+            # Project only the image->token queries; token->image attention folds (_attend_image).
+            i2t = layer.cross_attn_image_to_token
+            proj = _project(keys, [i2t.q_proj], bias[..., 2 * i2t.internal_dim :])
             queries, keys = _block(layer, queries, point_embedding, keys, proj, image_bias=bias)
         else:
-            queries, keys = _block(layer, queries, point_embedding, keys, _project_image(layer, keys, side.biases[i - 1]))
+            queries, keys = _block(layer, queries, point_embedding, keys, _project_image(layer, keys, bias))
     final = transformer.final_attn_token_to_image
     q = queries + point_embedding
     if _folds(final, q.shape[1]):
@@ -289,12 +292,6 @@ def _project_image(layer: TwoWayAttentionBlock, keys: Tensor, bias: Tensor) -> T
     """B x HW x 3Ci projections of image tokens ``keys`` (B x HW x C), given :func:`_block_bias`."""
     t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
     return _project(keys, [t2i.k_proj, t2i.v_proj, i2t.q_proj], bias)
-
-
-def _project_image_queries(layer: TwoWayAttentionBlock, keys: Tensor, bias: Tensor) -> Tensor:
-    """B x HW x Ci: only the image->token queries of :func:`_project_image`."""
-    ci = layer.cross_attn_image_to_token.internal_dim
-    return _project(keys, [layer.cross_attn_image_to_token.q_proj], bias[..., 2 * ci :])
 
 
 # -- attention in three arrangements ----------------------------------------------------------
