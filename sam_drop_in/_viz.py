@@ -151,13 +151,6 @@ def draw_prompts(
     return picture
 
 
-def _mask_anchor(mask: np.ndarray) -> Optional[Tuple[int, int]]:
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return int(xs.min()), int(ys.min())
-
-
 def prompt_overlay(
     image: np.ndarray,
     masks: Sequence[np.ndarray],
@@ -183,11 +176,12 @@ def prompt_overlay(
     size = max(12, min(picture.size) // 30)
     colours = palette(len(masks))
     for i, (m, s) in enumerate(zip(masks, scores)):
-        anchor = _mask_anchor(np.asarray(m, bool))
-        if anchor is None and boxes is not None and i < len(boxes):
-            anchor = (int(boxes[i][0]), int(boxes[i][1]))
-        if anchor is None:
-            anchor = (0, 0)
+        # The mask's top-left corner; for an empty mask its box's, else the picture's.
+        ys, xs = np.nonzero(np.asarray(m, bool))
+        if len(xs):
+            anchor = (int(xs.min()), int(ys.min()))
+        else:
+            anchor = (int(boxes[i][0]), int(boxes[i][1])) if boxes is not None and i < len(boxes) else (0, 0)
         draw_label(picture, (anchor[0], anchor[1] - size - 6), f"{float(s):.3f}", size, colour=colours[i])
     # Prompts last, so that no label hides a click.
     draw_prompts(picture, points, labels, boxes)
