@@ -204,19 +204,15 @@ class SamOnnxPredictor(PredictorState):
         elif coords is not None:
             all_coords.append(np.zeros((1, 2)))
             all_labels.append(np.array([-1.0]))
-        if mask_input is None:
-            mask_feed = np.zeros((1, 1, self._mask_input_size, self._mask_input_size), np.float32)
-            has_mask = np.zeros(1, np.float32)
-        else:
-            mask_feed = mask_input.astype(np.float32)[None]
-            has_mask = np.ones(1, np.float32)
+        size = self._mask_input_size
+        mask_feed = np.zeros((1, 1, size, size), np.float32) if mask_input is None else mask_input[None]  # float32
 
         feeds = {
             "image_embeddings": self.features,
             "point_coords": np.concatenate(all_coords).astype(np.float32)[None],
             "point_labels": np.concatenate(all_labels).astype(np.float32)[None],
             "mask_input": mask_feed,
-            "has_mask_input": has_mask,
+            "has_mask_input": np.array([mask_input is not None], np.float32),
             "orig_im_size": np.array(self.original_size, np.float32),
         }
         outputs = dict(zip(self._decoder_outputs, self.decoder_session.run(None, feeds)))
@@ -225,8 +221,5 @@ class SamOnnxPredictor(PredictorState):
         masks = outputs["masks"][0, pick]
         scores = outputs["iou_predictions"][0, pick].astype(np.float32)
         low_res = outputs["low_res_masks"][0, pick].astype(np.float32)
-        if not return_logits:
-            masks = masks > self.mask_threshold
-        else:
-            masks = masks.astype(np.float32)
+        masks = masks.astype(np.float32) if return_logits else masks > self.mask_threshold
         return masks, scores, low_res
