@@ -385,10 +385,12 @@ def _dist_env() -> Tuple[int, int, int]:
 def _amp_settings(amp: str, device: torch.device):
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    # Only fp16 scales the loss; a disabled scaler passes loss, backward and step through.
+    disabled = torch.amp.GradScaler(device.type, enabled=False)
     if amp == "none":
-        return contextlib.nullcontext, None
+        return contextlib.nullcontext, disabled
     if amp == "bf16":
-        return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
+        return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), disabled
     if amp == "fp16":
         if device.type != "cuda":
             raise ValueError("--amp fp16 needs a CUDA device; use bf16 or none on CPU.")
@@ -464,7 +466,6 @@ def _train(cfg: TrainConfig, world: int, rank: int, local: int) -> Dict:
         teacher_head = _models.build_sam_sized("vit_t", image_size)
         teacher_head.load_state_dict(_models.read_head_state(cfg.teacher_checkpoint or teacher_meta.get("checkpoint") or head_src,
                                                  teacher_meta["model_type"]), strict=False)
-        teacher_head.eval()
     module = DistillModule(student, teacher_head, cfg).to(device)
     student.train()
     student.mask_decoder.train(cfg.train_decoder)
@@ -535,22 +536,14 @@ def _train(cfg: TrainConfig, world: int, rank: int, local: int) -> Dict:
                 with sync:
                     with autocast():
                         res = ddp_model(x, emb, hws, gen)
-                    loss = res["loss"] / cfg.grad_accum
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                    else:
-                        loss.backward()
+                    scaler.scale(res["loss"] / cfg.grad_accum).backward()
                 for k, v in res.items():
                     parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
             if cfg.clip_grad > 0:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             if world > 1:
