@@ -22,15 +22,13 @@ What it computes differently from ``MaskDecoder.predict_masks`` / ``TwoWayTransf
   the final logits.
 - Prompts sharing an image are decoded PROMPT_CHUNK at a time so that each one's image-side
   tensors (4 MB each) stay in cache.
-- Dynamically quantised linear layers (``precision.optimize(mode="int8")``) are used through
-  their dequantised weights where a weight enters a product directly.
 
 When it is chosen (:func:`applies`): eager inference without gradients
 (``common.eager_inference()``: not training, tracing, exporting or compiling), on this package's
-TwoWayTransformer / TwoWayAttentionBlock / Attention (not subclasses), with the standard
-``output_upscaling`` layout and no forward hooks in the transformer (hooks, e.g. distillation's
-token capture, see upstream's calls). ``MaskDecoder.predict_masks`` takes this path itself;
-``ImageDecoder`` (image_decoder.py) calls :func:`decode` with a kept :class:`ImageSide`.
+TwoWayTransformer / TwoWayAttentionBlock / Attention with nn.Linear projections (not subclasses),
+with the standard ``output_upscaling`` layout and no forward hooks in the transformer (hooks, e.g.
+distillation's token capture, see upstream's calls). ``MaskDecoder.predict_masks`` takes this path
+itself; ``ImageDecoder`` (image_decoder.py) calls :func:`decode` with a kept :class:`ImageSide`.
 
 Proven equal to segment_anything's modules on the same perturbed weights by tests/test_decoder.py
 (one prompt, prompt groups, 20-point prompts, mask inputs, per-prompt embeddings; IoU within
@@ -80,7 +78,8 @@ def applies(decoder: nn.Module) -> bool:
         if m._forward_hooks or m._forward_pre_hooks:
             return False
     return all(type(layer) is TwoWayAttentionBlock for layer in transformer.layers) and all(
-        type(m) is Attention for m in transformer.modules() if isinstance(m, Attention)
+        type(m) is Attention and all(type(p) is nn.Linear for p in m.children())
+        for m in transformer.modules() if isinstance(m, Attention)
     )
 
 
@@ -256,31 +255,17 @@ def _block(
 # -- projections of the image tokens ----------------------------------------------------------
 
 
-def _weight(linear: nn.Module) -> Tensor:
-    """A linear layer's float weight, also for dynamically quantised layers (int8 mode), whose
-    ``weight`` is a method returning a quantised tensor (weight-only int8 where used here)."""
-    w = linear.weight
-    if callable(w):
-        w = w()
-    return w.dequantize() if w.is_quantized else w
-
-
-def _bias(linear: nn.Module) -> Tensor:
-    b = linear.bias
-    return b() if callable(b) else b
-
-
 def _project(x: Tensor, linears: List[nn.Module], bias: Tensor) -> Tensor:
     """``x`` (B x N x C) through several linear layers at once, side by side in one product, plus
     ``bias`` (broadcast to B x N x sum of widths: the layers' biases and any positional term)."""
-    weight = torch.cat([_weight(linear) for linear in linears]) if len(linears) > 1 else _weight(linears[0])
+    weight = torch.cat([linear.weight for linear in linears]) if len(linears) > 1 else linears[0].weight
     return torch.matmul(x, weight.t()).add_(bias)
 
 
 def _keys_values_bias(attn: Attention, pe: Tensor) -> Tensor:
     """P x N x 2Ci: what positional encoding ``pe`` (P x N x C) and the biases add to the keys
     and values of image tokens (the values see no positional encoding)."""
-    return torch.cat([attn.k_proj(pe), _bias(attn.v_proj).expand(*pe.shape[:2], -1)], dim=2)
+    return torch.cat([attn.k_proj(pe), attn.v_proj.bias.expand(*pe.shape[:2], -1)], dim=2)
 
 
 def _block_bias(layer: TwoWayAttentionBlock, pe: Tensor) -> Tensor:
@@ -360,7 +345,7 @@ def _attend_image(attn: Attention, q: Tensor, keys: Tensor, bias: Tensor) -> Ten
     heads, d = attn.num_heads, ci // attn.num_heads
     c, n = keys.shape[2], keys.shape[1]
     q = q * d**-0.5
-    w_k = _weight(attn.k_proj).view(heads, d, c)
+    w_k = attn.k_proj.weight.view(heads, d, c)
     q_keys = torch.einsum("bthd,hdc->bhtc", q.view(b, t, heads, d), w_k).reshape(b, heads * t, c)
     blocks = _head_blocks(attn, q)
     pos = bias[..., :ci]
@@ -374,8 +359,8 @@ def _attend_image(attn: Attention, q: Tensor, keys: Tensor, bias: Tensor) -> Ten
     else:
         probs = torch.baddbmm(scores, q_keys, keys.transpose(1, 2)).softmax(dim=-1)
         pooled = torch.bmm(probs, keys).view(b, heads, t, c)
-    w_v = _weight(attn.v_proj).view(heads, d, c)
-    out = torch.einsum("bhtc,hdc->bthd", pooled, w_v).reshape(b, t, ci) + _bias(attn.v_proj)
+    w_v = attn.v_proj.weight.view(heads, d, c)
+    out = torch.einsum("bhtc,hdc->bthd", pooled, w_v).reshape(b, t, ci) + attn.v_proj.bias
     return attn.out_proj(out)
 
 
@@ -405,9 +390,9 @@ def _attend_tokens(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     # Softmax over the T keys; the token axis is not the last one, where it would be slow.
     probs = scores.softmax(dim=2).view(b, heads * t, n)
     # Values and output projection folded: row h*T+t holds v[t, head h] @ W_out[:, head h].T.
-    w_out = _weight(attn.out_proj).view(-1, heads, d)
+    w_out = attn.out_proj.weight.view(-1, heads, d)
     values_out = torch.einsum("bthd,chd->bhtc", v.view(b, t, heads, d), w_out).reshape(b, heads * t, -1)
-    return torch.baddbmm(_bias(attn.out_proj), probs.transpose(1, 2), values_out)
+    return torch.baddbmm(attn.out_proj.bias, probs.transpose(1, 2), values_out)
 
 
 # -- upscaling and mask logits ----------------------------------------------------------------
