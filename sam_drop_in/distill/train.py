@@ -293,14 +293,6 @@ class DistillModule(nn.Module):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _rng_tensors() -> Dict[str, torch.Tensor]:
-    out = {"rng.torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng.cuda.{i}"] = s
-    return out
-
-
 def save_checkpoint(path: Path, step: int, model: nn.Module, optimizer, scheduler, scaler, cfg: TrainConfig) -> None:
     """Write model, optimizer, schedule, scaler, RNG and step to one safetensors file, atomically."""
     from safetensors.torch import save_file
@@ -314,7 +306,9 @@ def save_checkpoint(path: Path, step: int, model: nn.Module, optimizer, schedule
             if not torch.is_tensor(v):
                 v = torch.tensor(v)
             tensors[f"optim.{pid}.{name}"] = v.detach().cpu().contiguous()
-    tensors.update({k: v.cpu().contiguous() for k, v in _rng_tensors().items()})
+    tensors["rng.torch_cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s.cpu() for i, s in enumerate(torch.cuda.get_rng_state_all())})
     meta = {
         "format": CKPT_FORMAT,
         "step": str(step),
@@ -358,11 +352,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler) 
     return int(meta["step"])
 
 
-def _latest_checkpoint(out: Path) -> Optional[Path]:
-    files = sorted((out / CKPT_DIR).glob("step-*.safetensors"))
-    return files[-1] if files else None
-
-
 def export_student(sam: nn.Module, path: str) -> None:
     """Save a vit_t SAM as a plain segment_anything-layout safetensors file (loads with the registry)."""
     from safetensors.torch import save_file
@@ -373,13 +362,6 @@ def export_student(sam: nn.Module, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- training
-
-
-def _dist_env() -> Tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return world, rank, local
 
 
 def _amp_settings(amp: str, device: torch.device):
@@ -419,7 +401,9 @@ def train(cfg: TrainConfig) -> Dict:
       "steps": list[int], "final_step": int, "export": str or None (path of the vit_t file,
       written when the run reaches its last step), "checkpoint": str or None}.
     """
-    world, rank, local = _dist_env()
+    # torchrun's environment; a plain process is rank 0 of 1.
+    env = os.environ
+    world, rank, local = int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
     own_pg = False
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -497,7 +481,7 @@ def _train(cfg: TrainConfig, world: int, rank: int, local: int) -> Dict:
     start = 0
     resume_path: Optional[Path] = None
     if cfg.resume == "auto":
-        resume_path = _latest_checkpoint(out)
+        resume_path = max((out / CKPT_DIR).glob("step-*.safetensors"), default=None)  # zero-padded step names
     elif cfg.resume not in ("none", "", None):
         resume_path = Path(cfg.resume)
         if not resume_path.is_file():
