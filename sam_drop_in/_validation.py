@@ -132,22 +132,17 @@ def check_original_size(original_image_size: Sequence, target_length: int) -> Tu
       (tuple(int, int)): (H, W) as Python ints.
     """
     try:
-        values = list(original_image_size)
-    except TypeError:
-        values = None
-    if values is not None and len(values) == 2:
-        try:
-            sizes = [float(v) for v in values]
-        except (TypeError, ValueError):
-            sizes = None
-        if sizes is not None and all(math.isfinite(v) and v >= 1 and v == int(v) for v in sizes):
-            h, w = int(sizes[0]), int(sizes[1])
-            check_resizable(h, w, target_length, "original_image_size")
-            return h, w
-    raise InputError(
-        f"original_image_size must be the (H, W) of the image before resizing, two whole numbers >= 1, "
-        f"got {original_image_size!r}."
-    )
+        h, w = (float(v) for v in original_image_size)  # not two values: ValueError
+        ok = all(math.isfinite(v) and v >= 1 and v == int(v) for v in (h, w))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(
+            f"original_image_size must be the (H, W) of the image before resizing, two whole numbers >= 1, "
+            f"got {original_image_size!r}."
+        )
+    check_resizable(int(h), int(w), target_length, "original_image_size")
+    return int(h), int(w)
 
 
 def _finite_array(value, name: str) -> np.ndarray:
