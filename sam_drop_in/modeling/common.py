@@ -49,11 +49,13 @@ def eager_inference() -> bool:
     """True when running eagerly without recording gradients: the only time the cache-sized
     piecewise paths are taken. They loop over sizes known when the code runs, so a graph traced
     for export or compilation would bake those sizes in (a dynamic batch would then be wrong)."""
+    # is_compiling() first: under torch.compile the other checks are not traceable by Dynamo
+    # (each would be a graph break), and the answer is already known.
     return not (
-        torch.is_grad_enabled()
+        torch.compiler.is_compiling()
+        or torch.is_grad_enabled()
         or torch.jit.is_tracing()
         or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_compiling()
     )
 
 
@@ -72,7 +74,8 @@ PIECES_MAX_THREADS = 1
 def cache_pieces() -> bool:
     """Whether the encoders' cache-sized piecewise inference paths run: when eager_inference()
     holds and torch uses at most PIECES_MAX_THREADS intra-op threads."""
-    return torch.get_num_threads() <= PIECES_MAX_THREADS and eager_inference()
+    # eager_inference() first: torch.get_num_threads() breaks a torch.compile graph.
+    return eager_inference() and torch.get_num_threads() <= PIECES_MAX_THREADS
 
 
 def activate_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
