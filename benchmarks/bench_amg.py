@@ -3,6 +3,7 @@
     python benchmarks/bench_amg.py            # full run (several minutes per reference run)
     python benchmarks/bench_amg.py --quick    # smaller grids and image
     python benchmarks/bench_amg.py --only zero --threads 2 --busy-core   # thresholds 0, quiet and busy
+    python benchmarks/bench_amg.py --only defaults --threads 2 --modes fp32,bf16   # bf16 target
 
 Each run happens in its own child process, one after another, so its peak resident memory
 (VmHWM, which sees torch's allocations, unlike tracemalloc) is its own. Times are wall-clock of
@@ -20,6 +21,12 @@ Workloads:
   random weights: every mask is upsampled, scored, boxed, RLE-encoded and kept (random-weight
   masks are near-identical, so the default NMS would leave one record and the agreement check
   would see almost nothing) (16x16; 8x8 with --quick).
+- --modes fp32,bf16 (or bf16+compile, ...): ours also in these precision modes
+  (``precision.optimize``; MobileSAM stays fp32) on the chosen workloads, each against MobileSAM
+  fp32 in the same run, and each reduced mode's records against ours in fp32 as the mean mask IoU
+  of ``sam_drop_in.testing.records_iou`` (issue #13's bf16 target: defaults 32x32 at 1024x768,
+  >= 8x MobileSAM fp32, IoU >= 0.9). "+compile" variants time a second ``generate`` after a
+  first one that compiles (its time is printed too).
 - "hierarchical": our SamHierarchicalMaskGenerator against our full-grid generator, defaults,
   confident weights; it reports how many full-grid masks the hierarchical output recovers
   (a mask with IoU >= 0.9).
@@ -65,7 +72,8 @@ def _state_dict(confident: bool):
     return sd
 
 
-def _child(impl: str, kind: str, kwargs: Dict[str, Any], confident: bool, quick: bool, threads: int, queue) -> None:
+def _child(impl: str, kind: str, kwargs: Dict[str, Any], confident: bool, quick: bool, threads: int, queue,
+           mode: str = "fp32") -> None:
     warnings.filterwarnings("ignore")
     sys.path.insert(0, ROOT)
     import torch
@@ -83,25 +91,35 @@ def _child(impl: str, kind: str, kwargs: Dict[str, Any], confident: bool, quick:
     else:
         import sam_drop_in
 
+        from sam_drop_in.precision import optimize
+
         model = sam_drop_in.sam_model_registry["vit_t"]()
         model.load_state_dict(sd)
+        precision, _, compiled = mode.partition("+")
+        model = optimize(model, precision, compile=compiled == "compile")
         cls = sam_drop_in.SamHierarchicalMaskGenerator if kind == "hierarchical" else sam_drop_in.SamAutomaticMaskGenerator
         gen = cls(model, **kwargs)
     image = _image(quick)
+    first = None
+    if "+compile" in mode:  # the first call compiles; time the second
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            gen.generate(image)
+        first = time.perf_counter() - t0
     t0 = time.perf_counter()
     with torch.no_grad():
         records = gen.generate(image)
     seconds = time.perf_counter() - t0
-    queue.put({"seconds": seconds, "peak_mib": vmhwm_mib(), "records": records})
+    queue.put({"seconds": seconds, "peak_mib": vmhwm_mib(), "records": records, "first_call_s": first})
 
 
 THREADS = 0  # set from --threads
 
 
-def run(impl: str, kind: str, kwargs: Dict[str, Any], confident: bool, quick: bool) -> Dict[str, Any]:
+def run(impl: str, kind: str, kwargs: Dict[str, Any], confident: bool, quick: bool, mode: str = "fp32") -> Dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(impl, kind, kwargs, confident, quick, THREADS, queue))
+    proc = ctx.Process(target=_child, args=(impl, kind, kwargs, confident, quick, THREADS, queue, mode))
     proc.start()
     out = queue.get()
     proc.join()
@@ -156,13 +174,43 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--busy-core", action="store_true", help="also run every workload with the last core busy")
     parser.add_argument("--busy-seconds", type=float, default=3600.0, help="upper bound on the busy loop's life")
+    parser.add_argument("--modes", default="fp32",
+                        help="comma list of our precision modes for defaults/zero (fp32, bf16, int8, bf16+compile, ...)")
     args = parser.parse_args()
+    args.modes = args.modes.split(",")
+    if "fp32" not in args.modes:
+        args.modes.insert(0, "fp32")  # the reference for the reduced modes' agreement
     global THREADS
     THREADS = args.threads
     for load in (["quiet", "busy"] if args.busy_core else ["quiet"]):
         print(f"\n##### {load}" + (" (busy loop pinned to the last core)" if load == "busy" else ""))
         with busy_core(args.busy_seconds) if load == "busy" else contextlib.nullcontext():
             _workloads(args)
+
+
+def _binary_records(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    from sam_drop_in.utils.amg import rle_to_mask
+
+    return [dict(r, segmentation=rle_to_mask(r["segmentation"])) for r in records]
+
+
+def _our_modes(modes: List[str], kw: Dict[str, Any], confident: bool, quick: bool, ref: Dict[str, Any], line) -> Dict[str, Any]:
+    """Ours in each precision mode against MobileSAM fp32 (``ref``); returns our fp32 run."""
+    from sam_drop_in.testing import records_iou
+
+    runs = {}
+    for mode in modes:
+        runs[mode] = r = run("sam_drop_in", "amg", kw, confident, quick, mode)
+        line(f"sam_drop_in SamAutomaticMaskGenerator {mode}", r)
+        if r.get("first_call_s") is not None:
+            print(f"    first generate (compiles) {r['first_call_s']:.1f} s")
+        if mode == "fp32":
+            note = f"records {agreement(ref['records'], r['records'])}"
+        else:
+            base = _binary_records(runs["fp32"]["records"])
+            note = f"mean mask IoU to our fp32 {records_iou(base, _binary_records(r['records'])):.4f}"
+        print(f"  {mode}: x{ref['seconds'] / r['seconds']:.2f} faster than mobile_sam fp32, {note}", flush=True)
+    return runs["fp32"]
 
 
 def _workloads(args) -> None:
@@ -187,9 +235,7 @@ def _workloads(args) -> None:
         print(f"\n[defaults] points_per_side={side_default}, confident weights")
         ref_d = run("mobile_sam", "amg", kw, True, q)
         line("mobile_sam SamAutomaticMaskGenerator", ref_d)
-        our_d = run("sam_drop_in", "amg", kw, True, q)
-        line("sam_drop_in SamAutomaticMaskGenerator", our_d)
-        print(f"  speed-up x{ref_d['seconds'] / our_d['seconds']:.2f}, records {agreement(ref_d['records'], our_d['records'])}")
+        our_d = _our_modes(args.modes, kw, True, q, ref_d, line)
 
     if "zero" in only:
         print(f"\n[thresholds 0] points_per_side={side_zero}, pred_iou_thresh=0, stability_score_thresh=0, "
@@ -197,9 +243,7 @@ def _workloads(args) -> None:
         kw0 = dict(points_per_side=side_zero, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, **rle)
         ref_0 = run("mobile_sam", "amg", kw0, False, q)
         line("mobile_sam SamAutomaticMaskGenerator", ref_0)
-        our_0 = run("sam_drop_in", "amg", kw0, False, q)
-        line("sam_drop_in SamAutomaticMaskGenerator", our_0)
-        print(f"  speed-up x{ref_0['seconds'] / our_0['seconds']:.2f}, records {agreement(ref_0['records'], our_0['records'])}")
+        _our_modes(args.modes, kw0, False, q, ref_0, line)
 
     if "hierarchical" not in only:
         return
