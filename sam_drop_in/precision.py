@@ -264,14 +264,19 @@ def _compile_parts(model: nn.Module, mode: str, device: torch.device) -> None:
     On CPU in a float mode the encoder is compiled with Inductor's freezing: at its first call
     under ``torch.no_grad()`` (as ``SamPredictor.set_image`` calls it) the weights become
     constants of the compiled code, so the BatchNorms fold once, weights are prepacked for
-    oneDNN and GELUs fuse into the matrix products and convolutions. Measured on a shared
-    2-core AMX CPU, vit_t at 1024 px, bf16: 2.1-2.8x faster than eager with freezing, about as
-    slow as eager without it (docs/speed.md). The price: weights changed after that first call
-    are not seen by the compiled encoder (load weights before calling optimize), and a new
-    process compiles again (PyTorch's AOTAutograd cache does not keep frozen graphs). With
-    gradients enabled Inductor does not freeze, and the compiled encoder reads the live weights.
+    oneDNN and GELUs fuse into the matrix products and convolutions. Measured on a shared,
+    heavily loaded 2-core AMX CPU, vit_t at 1024 px, bf16 (docs/speed.md): the bare encoder
+    compiled 2.2-2.8x faster than eager with freezing and 1.1-1.4x without; through optimize()
+    no gain was seen in the two runs there was time for, so the default stays compile=False.
+    The price: weights changed after that first call are not seen by the compiled encoder
+    (load weights before calling optimize), and a new process compiled again in those runs
+    (AOTAutograd does not cache frozen graphs). With gradients enabled Inductor does not
+    freeze, and the compiled encoder reads the live weights.
     The int8 mode's packed weights and CUDA (not measured) get a plain compile.
     """
+    # Dynamo guards on whether this thread's running-part set exists yet (_Boundary reads it):
+    # creating it now spares a second compile at the second call on this thread.
+    running_parts()
     if device.type == "cpu" and mode in ("fp32", "bf16", "fp16"):
         model.image_encoder.compile(options={"freezing": True})
     else:
