@@ -19,7 +19,7 @@ The power-of-two ratio between the two steps lets an integer kernel align the ra
 """
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -163,8 +163,8 @@ def _keep_crop(x: torch.Tensor, pixels: int) -> torch.Tensor:
     return x.detach()[:, :, t : t + side, l : l + side].contiguous().clone()
 
 
-class _QuantLayer(nn.Module):
-    """Shared part of QLinear and QConv2d: int8 weight codes, per-channel scales, input quantiser."""
+class QuantLayer(nn.Module):
+    """The base of QLinear and QConv2d (shared by every quantised encoder): int8 weight codes, per-channel scales, input quantiser."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int, act_bits: int,
                  act_kind: str, quantize_input: bool, sample_rows: int):
@@ -241,7 +241,7 @@ class _QuantLayer(nn.Module):
         self.observing = False
 
 
-class QLinear(_QuantLayer):
+class QLinear(QuantLayer):
     """Fake-quant ``nn.Linear`` (input ... x in, output ... x out)."""
 
     def _apply_weight(self, x, w, bias):
@@ -254,7 +254,7 @@ class QLinear(_QuantLayer):
         return err.pow(2).mean(0)
 
 
-class QConv2d(_QuantLayer):
+class QConv2d(QuantLayer):
     """Fake-quant 2-D convolution (weight out x in/groups x k x k), BxCxHxW."""
 
     def __init__(self, weight, bias, stride, padding, dilation, groups, **kwargs):
@@ -272,3 +272,30 @@ class QConv2d(_QuantLayer):
 
     def _channel_mse(self, err):
         return err.pow(2).mean((0, 2, 3))
+
+
+class QuantizedEncoder(nn.Module):
+    """The shell shared by the quantised encoders (QuantizedTinyViT, QuantizedViT): ``body`` is a
+    copy of the float encoder whose layers were swapped for their fake-quant forms; a subclass
+    names its attention module types in ``attention_types``.
+    """
+
+    attention_types: Tuple[type, ...] = ()
+
+    def quant_modules(self) -> List[nn.Module]:
+        """Every module with quantisation parameters to search (layers and attentions)."""
+        return [m for m in self.modules() if isinstance(m, (QuantLayer,) + self.attention_types)]
+
+    def set_observing(self, on: bool) -> None:
+        """Switch calibration observation (ranges and search samples) on or off everywhere."""
+        for m in self.modules():
+            if isinstance(m, (QuantLayer, ActQuant) + self.attention_types):
+                m.observing = on
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Gradient mode on (nothing in the copy requires a gradient, so nothing is recorded):
+        # this keeps the encoder off its inference-only piecewise paths (TinyViT's strips call
+        # the float Conv2d_BN.folded() directly; the ViT MLP's row groups would hand the
+        # substituted linears one piece at a time), so every substituted module sees whole inputs.
+        with torch.enable_grad():
+            return self.body(x)

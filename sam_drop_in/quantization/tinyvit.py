@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..modeling import tiny_vit
-from .fake_quant import ActQuant, QConv2d, QLinear, _QuantLayer
+from .fake_quant import ActQuant, QConv2d, QLinear, QuantizedEncoder
 from .recipe import QuantRecipe
 
 
@@ -122,7 +122,7 @@ def architecture(encoder: "tiny_vit.TinyViT") -> Dict:
     }
 
 
-class QuantizedTinyViT(nn.Module):
+class QuantizedTinyViT(QuantizedEncoder):
     """A TinyViT image encoder with simulated (fake-quant) convolutions, linears and attention
     products. Forward: Bx3xSxS float32 normalised image -> Bx256x(S/16)x(S/16) float32 embedding.
 
@@ -142,20 +142,7 @@ class QuantizedTinyViT(nn.Module):
         _replace(body, recipe)
         self.body = body
 
-    def quant_modules(self):
-        return [m for m in self.modules() if isinstance(m, (_QuantLayer, QAttention))]
-
-    def set_observing(self, on: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, (_QuantLayer, QAttention, ActQuant)):
-                m.observing = on
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Gradient mode on (nothing in the copy requires a gradient, so nothing is recorded): this
-        # keeps TinyViT off its inference-only piecewise paths, which call the float
-        # Conv2d_BN.folded() directly instead of the modules this encoder substitutes.
-        with torch.enable_grad():
-            return self.body(x)
+    attention_types = (QAttention,)
 
 
 def _replace(body: nn.Module, recipe: QuantRecipe) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..modeling import image_encoder
-from .fake_quant import ActQuant, QConv2d, QLinear, _QuantLayer
+from .fake_quant import ActQuant, QConv2d, QLinear, QuantizedEncoder
 from .recipe import QuantRecipe
 from .tinyvit import QAttention
 
@@ -168,7 +168,7 @@ def architecture(encoder: "image_encoder.ImageEncoderViT") -> Dict:
     }
 
 
-class QuantizedViT(nn.Module):
+class QuantizedViT(QuantizedEncoder):
     """A ViT image encoder (vit_b / vit_l / vit_h) with simulated (fake-quant) convolutions,
     linears and attention products. Forward: Bx3xSxS float32 normalised image -> Bx(out_chans)x
     (S/16)x(S/16) float32 embedding, computed like ``ImageEncoderViT.forward`` (absolute position
@@ -188,20 +188,7 @@ class QuantizedViT(nn.Module):
         _replace(body, recipe)
         self.body = body
 
-    def quant_modules(self):
-        return [m for m in self.modules() if isinstance(m, (_QuantLayer, QViTAttention))]
-
-    def set_observing(self, on: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, (_QuantLayer, QViTAttention, ActQuant)):
-                m.observing = on
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Gradient mode on (nothing in the copy requires a gradient, so nothing is recorded): this
-        # keeps the encoder's MLP off its inference-only row-group path, which would hand the
-        # substituted linears one piece at a time (one calibration sample per piece).
-        with torch.enable_grad():
-            return self.body(x)
+    attention_types = (QViTAttention,)
 
 
 def _replace(body: "image_encoder.ImageEncoderViT", recipe: QuantRecipe) -> None:
