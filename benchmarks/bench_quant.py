@@ -50,12 +50,36 @@ def _amg_records(sam, image):
     return gen.generate(image)
 
 
-def main(argv=None) -> int:
-    from safetensors.torch import save_file
+def _reference(model_type, image_size, calib_images, fp32=False):
+    """The perturbed-weights model, the calibration and evaluation photographs, and the float
+    model's masks and embeddings on the evaluation ones (what every quantised variant is
+    compared against). ``fp32``: first ``precision.optimize(sam, "fp32")`` (the fast paths, as a
+    user runs it), for timing against other runtimes."""
     from skimage import data
 
-    from sam_drop_in import SamPredictor, quantization
+    from sam_drop_in import SamPredictor
     from sam_drop_in.build_sam import build_sam_sized
+    from sam_drop_in.precision import optimize
+
+    torch.manual_seed(0)
+    sam = build_sam_sized(model_type, image_size=image_size).eval()
+    sam.load_state_dict(perturbed_state_dict(sam.state_dict(), seed=0))
+    if fp32:
+        optimize(sam, "fp32")
+    calib = [data.rocket(), data.immunohistochemistry(), data.hubble_deep_field()][:calib_images]
+    evals = load_images()
+    ref_pred = SamPredictor(sam)
+    ref_masks, ref_emb = [], []
+    for im in evals:
+        ref_masks.append(predict_quality_masks(ref_pred, im))
+        ref_emb.append(ref_pred.get_image_embedding().clone())
+    return sam, calib, evals, ref_pred, ref_masks, ref_emb
+
+
+def main(argv=None) -> int:
+    from safetensors.torch import save_file
+
+    from sam_drop_in import SamPredictor, quantization
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-type", default="vit_t", choices=["vit_t", "vit_b", "vit_l", "vit_h"])
@@ -75,17 +99,8 @@ def main(argv=None) -> int:
     if args.real:
         return real_int8(args)
 
-    torch.manual_seed(0)
-    sam = build_sam_sized(args.model_type, image_size=args.image_size).eval()
-    sam.load_state_dict(perturbed_state_dict(sam.state_dict(), seed=0))
-    calib = [data.rocket(), data.immunohistochemistry(), data.hubble_deep_field()][: args.calib_images]
-    evals = load_images()
-
-    ref_pred = SamPredictor(sam)
-    ref_masks, ref_emb = [], []
-    for im in evals:
-        ref_masks.append(predict_quality_masks(ref_pred, im))
-        ref_emb.append(ref_pred.get_image_embedding().clone())
+    sam, calib, evals, ref_pred, ref_masks, ref_emb = _reference(args.model_type, args.image_size,
+                                                                 args.calib_images)
     ref_records = _amg_records(sam, evals[0]) if args.amg else None
 
     tmp = tempfile.mkdtemp()
@@ -160,27 +175,16 @@ def real_int8(args) -> int:
     import statistics
 
     from safetensors.torch import save_file
-    from skimage import data
 
-    from sam_drop_in import SamPredictor, onnx_export, quantization
-    from sam_drop_in.build_sam import build_sam_sized
-    from sam_drop_in.precision import optimize
+    from sam_drop_in import onnx_export, quantization
     from sam_drop_in.quantization.onnx_int8 import OnnxImageEncoder, export_int8_encoder
 
     logging.disable(logging.WARNING)  # ONNX Runtime's quantiser logs one line per LayerNorm weight
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    sam = build_sam_sized("vit_t", image_size=args.image_size).eval()
-    sam.load_state_dict(perturbed_state_dict(sam.state_dict(), seed=0))
-    optimize(sam, "fp32")
-    calib = [data.rocket(), data.immunohistochemistry(), data.hubble_deep_field()]
-    evals = load_images()
-    ref_pred = SamPredictor(sam)
-    ref_masks, ref_emb = [], []
-    for im in evals:
-        ref_masks.append(predict_quality_masks(ref_pred, im))
-        ref_emb.append(ref_pred.get_image_embedding().clone())
+    # --model-type and --calib-images apply here too (vit_t and three photographs by default).
+    sam, calib, evals, ref_pred, ref_masks, ref_emb = _reference(args.model_type, args.image_size,
+                                                                 args.calib_images, fp32=True)
 
     tmp = tempfile.mkdtemp()
     sizes = {}

@@ -18,6 +18,7 @@ The power-of-two ratio between the two steps lets an integer kernel align the ra
 (PTQ4ViT's twin uniform quantisation).
 """
 
+import copy
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -281,6 +282,20 @@ class QuantizedEncoder(nn.Module):
     """
 
     attention_types: Tuple[type, ...] = ()
+
+    def __init__(self, encoder: nn.Module, recipe, arch: Dict) -> None:
+        super().__init__()
+        self.recipe = recipe
+        self.arch = arch
+        self.img_size = encoder.img_size
+        body = copy.deepcopy(encoder).eval()  # the float encoder passed in is left unchanged
+        body.requires_grad_(False)
+        self._substitute(body, recipe)
+        self.body = body
+
+    def _substitute(self, body: nn.Module, recipe) -> None:  # pragma: no cover - overridden
+        """Swap ``body``'s layers (in place) for their fake-quant forms."""
+        raise NotImplementedError
 
     def quant_modules(self) -> List[nn.Module]:
         """Every module with quantisation parameters to search (layers and attentions)."""

@@ -1,6 +1,5 @@
 """Conversion of the TinyViT (``vit_t``) image encoder into its fake-quant form."""
 
-import copy
 import json
 from typing import Dict
 
@@ -130,17 +129,13 @@ class QuantizedTinyViT(QuantizedEncoder):
     """
 
     def __init__(self, encoder: "tiny_vit.TinyViT", recipe: QuantRecipe):
-        super().__init__()
-        self.recipe = recipe
-        self.arch = architecture(encoder)
-        self.img_size = encoder.img_size
-        body = copy.deepcopy(encoder).eval()
-        body.requires_grad_(False)
+        super().__init__(encoder, recipe, architecture(encoder))
+
+    def _substitute(self, body: nn.Module, recipe: QuantRecipe) -> None:
         # The classification head is unused by SAM: dropped, not quantised, not saved.
         body.norm_head = nn.Identity()
         body.head = nn.Identity()
         _replace(body, recipe)
-        self.body = body
 
     attention_types = (QAttention,)
 

@@ -9,7 +9,6 @@ decomposed relative-position terms, which are computed from the float (unquantis
 added to the dequantised ``q @ k^T`` logits, as an integer kernel's float epilogue would.
 """
 
-import copy
 import math
 from functools import partial
 from typing import Dict, Tuple
@@ -179,14 +178,10 @@ class QuantizedViT(QuantizedEncoder):
     """
 
     def __init__(self, encoder: "image_encoder.ImageEncoderViT", recipe: QuantRecipe):
-        super().__init__()
-        self.recipe = recipe
-        self.arch = architecture(encoder)
-        self.img_size = encoder.img_size
-        body = copy.deepcopy(encoder).eval()
-        body.requires_grad_(False)
+        super().__init__(encoder, recipe, architecture(encoder))
+
+    def _substitute(self, body: nn.Module, recipe: QuantRecipe) -> None:
         _replace(body, recipe)
-        self.body = body
 
     attention_types = (QViTAttention,)
 
