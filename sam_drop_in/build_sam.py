@@ -3,7 +3,7 @@ plus ``vit_t`` (MobileSAM / TinySAM TinyViT encoder)."""
 
 import os
 from functools import partial
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -20,52 +20,29 @@ _VIT_PATCH_SIZE = 16
 
 # What differs between the ViT variants: width, depth, heads, blocks with global attention.
 _VIT_CONFIGS = {
-    "vit_h": dict(encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16, encoder_global_attn_indexes=[7, 15, 23, 31]),
-    "vit_l": dict(encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16, encoder_global_attn_indexes=[5, 11, 17, 23]),
-    "vit_b": dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, encoder_global_attn_indexes=[2, 5, 8, 11]),
+    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=[7, 15, 23, 31]),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=[5, 11, 17, 23]),
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=[2, 5, 8, 11]),
 }
 
 
 def build_sam_vit_h(checkpoint=None):
-    return _build_sam(**_VIT_CONFIGS["vit_h"], checkpoint=checkpoint, model_type="vit_h")
+    return _build_sam("vit_h", checkpoint)
 
 
 build_sam = build_sam_vit_h
 
 
 def build_sam_vit_l(checkpoint=None):
-    return _build_sam(**_VIT_CONFIGS["vit_l"], checkpoint=checkpoint, model_type="vit_l")
+    return _build_sam("vit_l", checkpoint)
 
 
 def build_sam_vit_b(checkpoint=None):
-    return _build_sam(**_VIT_CONFIGS["vit_b"], checkpoint=checkpoint, model_type="vit_b")
+    return _build_sam("vit_b", checkpoint)
 
 
 def build_sam_vit_t(checkpoint=None):
-    return _build_sam_vit_t(checkpoint=checkpoint)
-
-
-def _build_sam_vit_t(checkpoint=None, image_size: int = _IMAGE_SIZE) -> Sam:
-    quantized = _quantized_sam(checkpoint, "vit_t")
-    if quantized is not None:
-        return quantized
-    encoder = TinyViT(
-        img_size=image_size,
-        in_chans=3,
-        num_classes=1000,
-        embed_dims=[64, 128, 160, 320],
-        depths=[2, 2, 6, 2],
-        num_heads=[2, 4, 5, 10],
-        window_sizes=[7, 7, 14, 7],
-        mlp_ratio=4.0,
-        drop_rate=0.0,
-        drop_path_rate=0.0,
-        use_checkpoint=False,
-        mbconv_expand_ratio=4.0,
-        local_conv_size=3,
-        layer_lr_decay=0.8,
-    )
-    return _assemble(encoder, checkpoint=checkpoint, model_type="vit_t", image_size=image_size)
+    return _build_sam("vit_t", checkpoint)
 
 
 _BUILDERS = {"vit_h": build_sam_vit_h, "vit_l": build_sam_vit_l, "vit_b": build_sam_vit_b, "vit_t": build_sam_vit_t}
@@ -91,52 +68,46 @@ def build_sam_sized(model_type: str, image_size: int = _IMAGE_SIZE, checkpoint=N
     model_type = registry_model_type(model_type)
     if image_size <= 0 or image_size % 64 != 0:
         raise ValueError(f"image_size must be a positive multiple of 64, got {image_size}.")
+    return _build_sam(model_type, checkpoint, image_size)
+
+
+def _build_sam(model_type: str, checkpoint=None, image_size: int = _IMAGE_SIZE) -> Sam:
+    # A quantised file (quantization.save_quantized) records its own architecture, recipe and
+    # input size; its safetensors header alone tells it from a float checkpoint.
+    if isinstance(checkpoint, (str, os.PathLike)):
+        path, _ = resolve(checkpoint)
+        if quantized_format(path) is not None:
+            return load_quantized_sam(path, model_type=model_type)
     if model_type == "vit_t":
-        return _build_sam_vit_t(checkpoint=checkpoint, image_size=image_size)
-    return _build_sam(**_VIT_CONFIGS[model_type], checkpoint=checkpoint, model_type=model_type, image_size=image_size)
-
-
-def _build_sam(
-    encoder_embed_dim: int,
-    encoder_depth: int,
-    encoder_num_heads: int,
-    encoder_global_attn_indexes: Sequence[int],
-    checkpoint=None,
-    model_type: Optional[str] = None,
-    image_size: int = _IMAGE_SIZE,
-) -> Sam:
-    quantized = _quantized_sam(checkpoint, model_type)
-    if quantized is not None:
-        return quantized
-    encoder = ImageEncoderViT(
-        depth=encoder_depth,
-        embed_dim=encoder_embed_dim,
-        img_size=image_size,
-        mlp_ratio=4,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        num_heads=encoder_num_heads,
-        patch_size=_VIT_PATCH_SIZE,
-        qkv_bias=True,
-        use_rel_pos=True,
-        global_attn_indexes=encoder_global_attn_indexes,
-        window_size=14,
-        out_chans=_PROMPT_EMBED_DIM,
-    )
+        encoder = TinyViT(
+            img_size=image_size,
+            in_chans=3,
+            num_classes=1000,
+            embed_dims=[64, 128, 160, 320],
+            depths=[2, 2, 6, 2],
+            num_heads=[2, 4, 5, 10],
+            window_sizes=[7, 7, 14, 7],
+            mlp_ratio=4.0,
+            drop_rate=0.0,
+            drop_path_rate=0.0,
+            use_checkpoint=False,
+            mbconv_expand_ratio=4.0,
+            local_conv_size=3,
+            layer_lr_decay=0.8,
+        )
+    else:
+        encoder = ImageEncoderViT(
+            img_size=image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            patch_size=_VIT_PATCH_SIZE,
+            qkv_bias=True,
+            use_rel_pos=True,
+            window_size=14,
+            out_chans=_PROMPT_EMBED_DIM,
+            **_VIT_CONFIGS[model_type],
+        )
     return _assemble(encoder, checkpoint=checkpoint, model_type=model_type, image_size=image_size)
-
-
-def _quantized_sam(checkpoint, model_type: Optional[str]) -> Optional[Sam]:
-    """The model of a quantised file (``quantization.save_quantized(sam, path)``), else None.
-
-    Such a file records its own architecture, recipe and input size; its metadata (the
-    safetensors header alone) tells it from a float checkpoint.
-    """
-    if not isinstance(checkpoint, (str, os.PathLike)):
-        return None
-    path, _ = resolve(checkpoint)
-    if quantized_format(path) is None:
-        return None
-    return load_quantized_sam(path, model_type=model_type)
 
 
 def _assemble(image_encoder: torch.nn.Module, checkpoint, model_type: Optional[str], image_size: int = _IMAGE_SIZE) -> Sam:

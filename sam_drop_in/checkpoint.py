@@ -310,14 +310,9 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     return _layouts.strip_prefixes(sd), fmt
 
 
-def _quantized_info(path: str) -> dict | None:
-    """What ``describe_quantized`` says of a quantised sam_drop_in file (header only), else None."""
-    return describe_quantized(path)
-
-
 def _refuse_quantized(path: str) -> None:
     """A quantised file holds integer codes, not float weights: say what loads it instead."""
-    q = _quantized_info(path)
+    q = describe_quantized(path)
     if q is None:
         return
     mt = q["model_type"] or "vit_t"
@@ -562,23 +557,15 @@ def inspect_checkpoint(source: Source, *, download_timeout: float | None = None)
       CheckpointError: as :func:`load_state_dict` (the weights' values are not checked).
     """
     path, _ = resolve(source, download_timeout=download_timeout)
-    quantized = _quantized_info(path)
+    file = {"sha256": _file_sha256(path), "path": path, "size_bytes": os.path.getsize(path)}
+    quantized = describe_quantized(path)
     if quantized is not None:
-        return _inspect_quantized(path, quantized)
+        return {**_inspect_quantized(path, quantized), **file}
     sd, fmt = read_state_dict(path)
     out, layout, found = _convert(sd, f"checkpoint {os.fspath(source)!r}")
     dtypes = sorted({str(v.dtype) for v in out.values() if v.is_floating_point()})
-    return {
-        "model_type": found,
-        "layout": layout,
-        "format": fmt,
-        "num_params": _num_params(out),
-        "num_tensors": len(out),
-        "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes),
-        "sha256": _file_sha256(path),
-        "path": path,
-        "size_bytes": os.path.getsize(path),
-    }
+    return {"model_type": found, "layout": layout, "format": fmt, "num_params": _num_params(out),
+            "num_tensors": len(out), "dtype": ",".join(dtypes), **file}
 
 
 _ST_DTYPES = {"F32": "torch.float32", "F16": "torch.float16", "BF16": "torch.bfloat16", "I32": "torch.int32",
@@ -586,7 +573,7 @@ _ST_DTYPES = {"F32": "torch.float32", "F16": "torch.float16", "BF16": "torch.bfl
 
 
 def _inspect_quantized(path: str, q: dict) -> dict[str, Any]:
-    """inspect_checkpoint's description of a quantised file (``quantized`` holds its recipe)."""
+    """inspect_checkpoint's description of a quantised file, less the file's own facts."""
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
@@ -603,9 +590,6 @@ def _inspect_quantized(path: str, q: dict) -> dict[str, Any]:
         "num_params": count,
         "num_tensors": len(shapes),
         "dtype": ",".join(dtypes),
-        "sha256": _file_sha256(path),
-        "path": path,
-        "size_bytes": os.path.getsize(path),
     }
 
 
