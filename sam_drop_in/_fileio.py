@@ -33,6 +33,16 @@ def read_json_object(path: PathLike) -> dict:
     return raw if isinstance(raw, dict) else {}
 
 
+def json_default(obj: object) -> object:
+    """``json.dump``'s ``default=``: numpy scalars and arrays as Python values, bytes (COCO RLE
+    counts) as UTF-8 text; TypeError for anything else."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8")
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON")
+
+
 def atomic_write(dst: PathLike, write: Callable[[str], None]) -> None:
     """Create or replace ``dst`` so that readers see the old file or the whole new one.
 

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from .._quantized_header import describe_quantized
 from .._constants import MODEL_TYPES, REGISTRY_KEYS, normalize_model_type
 from .._errors import CheckpointError, InputError
-from .._fileio import atomic_write
+from .._fileio import atomic_write, json_default
 
 PROG = "sam-drop-in"
 RANDOM = "random"
@@ -132,18 +132,9 @@ def report_failure(message: str) -> None:
 
 
 def write_json(obj: Any, path: Path, indent: Optional[int] = None) -> None:
-    import numpy as np
-
-    def default(o: Any) -> Any:
-        if isinstance(o, (np.generic, np.ndarray)):
-            return o.tolist()
-        if isinstance(o, bytes):
-            return o.decode("utf-8")
-        raise TypeError(f"cannot write {type(o).__name__} as JSON")
-
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, default=default, indent=indent)
+            json.dump(obj, f, default=json_default, indent=indent)
 
     atomic_write(path, write)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -35,6 +36,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .._errors import InputError
+from .._fileio import json_default
 from . import sessions as sess
 from .browser_decoder import DecoderCache
 from .web_runtime import FILES as RUNTIME_FILES
@@ -51,20 +53,8 @@ class ClientError(Exception):
         self.status = status
 
 
-def _json_default(obj: Any) -> Any:
-    import numpy as np
-
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, bytes):
-        return obj.decode("utf-8")
-    raise TypeError(f"cannot write {type(obj).__name__} as JSON")
-
-
 def _json(obj: Any, status: int = 200) -> Response:
-    body = json.dumps(obj, default=_json_default, separators=(",", ":"))
+    body = json.dumps(obj, default=json_default, separators=(",", ":"))
     return Response(body, status_code=status, media_type="application/json")
 
 
@@ -291,21 +281,11 @@ def create_app(
         store.delete(request.path_params["session_id"])
         return Response(status_code=204)
 
-    async def on_client_error(request: Request, exc: Exception) -> Response:
-        return _error(exc.status, str(exc))
+    def answer(status: Callable[[Any], int]) -> Callable[[Request, Any], Awaitable[Response]]:
+        async def handler(request: Request, exc: Any) -> Response:
+            return _error(status(exc), exc.detail if isinstance(exc, HTTPException) else str(exc))
 
-    async def on_input_error(request: Request, exc: Exception) -> Response:
-        status = 413 if isinstance(exc, sess.ImageTooLarge) else 400
-        return _error(status, str(exc))
-
-    async def on_not_found(request: Request, exc: Exception) -> Response:
-        return _error(404, str(exc))
-
-    async def on_busy(request: Request, exc: Exception) -> Response:
-        return _error(409, str(exc))
-
-    async def on_http(request: Request, exc: HTTPException) -> Response:
-        return _error(exc.status_code, exc.detail)
+        return handler
 
     routes = [
         Route("/", index),
@@ -321,13 +301,13 @@ def create_app(
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     handlers = {
-        ClientError: on_client_error,
+        ClientError: answer(lambda exc: exc.status),
         # InputError is the package's bad-input type (a ValueError): the predictor's and the
         # generators' own validation messages go back to the client unchanged.
-        InputError: on_input_error,
-        sess.SessionNotFound: on_not_found,
-        sess.Busy: on_busy,
-        HTTPException: on_http,
+        InputError: answer(lambda exc: 413 if isinstance(exc, sess.ImageTooLarge) else 400),
+        sess.SessionNotFound: answer(lambda exc: 404),
+        sess.Busy: answer(lambda exc: 409),
+        HTTPException: answer(lambda exc: exc.status_code),
     }
     app = Starlette(routes=routes, exception_handlers=handlers, middleware=[Middleware(CrossOriginIsolation)])
     app.state.sessions = store
