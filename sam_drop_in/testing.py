@@ -157,18 +157,17 @@ def records_iou(ref, got) -> float:
 def model_in_mode(model: nn.Module, mode: str, device: str = "cpu") -> nn.Module:
     """
     ``model`` moved to ``device``, in eval mode, in precision ``mode`` ("fp32", "bf16", "fp16",
-    "int8"). fp16 on a CPU goes through ``precision._reduce_precision`` (the public
-    ``optimize`` refuses it there), so that tests and benchmarks run that path on any machine;
-    the "bf16 is emulated on this CPU" warning is silenced.
+    "int8"). fp16 on a CPU goes through ``precision.reduce_precision`` (``optimize`` refuses it
+    there), so that tests and benchmarks run that path on any machine; the "bf16 is emulated on
+    this CPU" warning is silenced.
     """
     import warnings
 
-    from .precision import _reduce_precision, optimize
+    from .precision import optimize, reduce_precision
 
     model.to(device).eval()
     if mode == "fp16" and torch.device(device).type == "cpu":
-        _reduce_precision(model, torch.float16)
-        return model
+        return reduce_precision(model, mode)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return optimize(model, mode)
