@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -28,26 +28,33 @@ PATCH_SIZE = 16
 PROMPT_EMBED_DIM = 256
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
-def read_state_dict(checkpoint: str, model_type: str) -> Dict[str, torch.Tensor]:
-    """Read a checkpoint (local path or ``hf://``) as a segment_anything-layout state dict.
+
+def read_head_state(checkpoint: str, model_type: str) -> Dict[str, torch.Tensor]:
+    """The prompt_encoder.* and mask_decoder.* tensors of a checkpoint.
 
     Arguments:
-      checkpoint (str): path or ``hf://OWNER/REPO[@REV]/FILE``.
+      checkpoint (str): local path or ``hf://OWNER/REPO[@REV]/FILE``.
       model_type (str): registry model type the file is meant for.
 
     Returns:
-      dict[str, Tensor]: state dict in segment_anything layout.
+      dict[str, Tensor]: those tensors, segment_anything keys.
     """
-    return load_state_dict(str(checkpoint), model_type=registry_model_type(model_type))
-
-
-def read_head_state(checkpoint: str, model_type: str) -> Dict[str, torch.Tensor]:
-    """The prompt_encoder.* and mask_decoder.* tensors of a checkpoint (see :func:`read_state_dict`)."""
-    sd = read_state_dict(checkpoint, model_type)
+    sd = load_state_dict(str(checkpoint), model_type=registry_model_type(model_type))
     head = {k: v for k, v in sd.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
     if not head:
         raise ValueError(f"{checkpoint} holds no prompt_encoder.*/mask_decoder.* weights.")
     return head
+
+
+def load_head(sam: nn.Module, head: Dict[str, torch.Tensor], origin: object) -> nn.Module:
+    """Load :func:`read_head_state`'s tensors into ``sam`` (its image encoder untouched); returns
+    ``sam``. ValueError naming ``origin`` when they do not fit."""
+    missing, unexpected = sam.load_state_dict(head, strict=False)
+    missing = [k for k in missing if not k.startswith("image_encoder.")]
+    if missing or unexpected:
+        raise ValueError(f"the prompt encoder / mask decoder weights of {origin} do not fit: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return sam
 
 
 def load_sam(
@@ -69,10 +76,7 @@ def load_sam(
     Returns:
       Sam: in eval mode on ``device``.
     """
-    sam = build_sam_sized(model_type, image_size, None if checkpoint is None else str(checkpoint))
-    sam.to(device)
-    sam.eval()
-    return sam
+    return build_sam_sized(model_type, image_size, None if checkpoint is None else str(checkpoint)).to(device).eval()
 
 
 def list_images(root: str) -> list:
@@ -131,8 +135,3 @@ def preprocess(image: np.ndarray, image_size: int) -> Tuple[torch.Tensor, Tuple[
     x = torch.nn.functional.pad(x, (0, image_size - w, 0, image_size - h))
     return x, (int(h), int(w))
 
-
-def transform_coords(coords: np.ndarray, original_size: Sequence[int], image_size: int) -> np.ndarray:
-    """Map ...x2 (x, y) pixel coordinates of the original image to model input coordinates
-    (the predictor's ResizeLongestSide.apply_coords); returns a float64 copy."""
-    return ResizeLongestSide(image_size).apply_coords(coords, tuple(original_size))

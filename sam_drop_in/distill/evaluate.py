@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..utils.transforms import ResizeLongestSide
 from . import _models
 from .losses import decode
 from .store import EmbeddingStore
@@ -78,6 +79,7 @@ def evaluate(
     student = student.to(device).eval()
     teacher = teacher.to(device).eval()
     gen = torch.Generator().manual_seed(seed)
+    transform = ResizeLongestSide(size)
     ious_p, ious_b, mses = [], [], []
     n = len(store) if limit is None else min(limit, len(store))
     for i in range(n):
@@ -91,12 +93,12 @@ def evaluate(
         for kind, prompts in (("points", pts), ("boxes", boxes)):
             if prompts.shape[0] == 0:
                 continue
+            # The predictor's coordinate mapping, in float64 as SamPredictor.predict does it.
+            c = torch.as_tensor(transform.apply_coords(prompts.numpy().reshape(-1, 2), (h, w)), dtype=torch.float32)
             if kind == "points":
-                c = torch.as_tensor(_models.transform_coords(prompts.numpy(), (h, w), size), dtype=torch.float32)
                 args = dict(coords=c[:, None, :].to(device), labels=torch.ones(len(c), 1, device=device))
             else:
-                c = _models.transform_coords(prompts.numpy().reshape(-1, 2, 2), (h, w), size).reshape(-1, 4)
-                args = dict(coords=None, labels=None, boxes=torch.as_tensor(c, dtype=torch.float32, device=device))
+                args = dict(coords=None, labels=None, boxes=c.reshape(-1, 4).to(device))
             masks = []
             for model, emb in ((teacher, t_emb), (student, s_emb)):
                 low, _, _ = decode(model, emb, **args)
@@ -148,8 +150,5 @@ def evaluate_files(
     tck = teacher_checkpoint or tmeta.get("checkpoint")
     if tck is None:
         raise ValueError("The store records no teacher checkpoint; pass --teacher-checkpoint.")
-    teacher = _models.build_sam_sized("vit_t", size)
-    missing, unexpected = teacher.load_state_dict(_models.read_head_state(tck, tmeta["model_type"]), strict=False)
-    if unexpected or any(not k.startswith("image_encoder.") for k in missing):
-        raise ValueError(f"teacher checkpoint {tck} has no usable prompt encoder / mask decoder")
+    teacher = _models.load_head(_models.build_sam_sized("vit_t", size), _models.read_head_state(tck, tmeta["model_type"]), tck)
     return evaluate(student, teacher, store, n_points, n_boxes, seed, device, limit)

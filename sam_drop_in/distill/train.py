@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .._fileio import atomic_write, sha256_file
+from ..checkpoint import load_state_dict
 from . import _models
 from .losses import (
     FullStageWeights,
@@ -228,14 +229,10 @@ def build_student(
         torch.manual_seed(seed)
         sam = _models.build_sam_sized("vit_t", image_size)
     if init is not None:
-        sd = _models.read_state_dict(init, "vit_t")
+        sd = load_state_dict(init, "vit_t")
         enc = {k[len("image_encoder."):]: v for k, v in sd.items() if k.startswith("image_encoder.")}
         sam.image_encoder.load_state_dict(enc, strict=True)
-    missing, unexpected = sam.load_state_dict(head_state, strict=False)
-    missing = [k for k in missing if not k.startswith("image_encoder.")]
-    if missing or unexpected:
-        raise ValueError(f"prompt encoder / mask decoder weights do not fit: missing {missing}, unexpected {unexpected}")
-    return sam
+    return _models.load_head(sam, head_state, "head_state")
 
 
 class DistillModule(nn.Module):
@@ -447,9 +444,9 @@ def _train(cfg: TrainConfig, world: int, rank: int, local: int) -> Dict:
     student = build_student(image_size, head, init=cfg.init, seed=cfg.seed)
     teacher_head = None
     if cfg.full_stage:
-        teacher_head = _models.build_sam_sized("vit_t", image_size)
-        teacher_head.load_state_dict(_models.read_head_state(cfg.teacher_checkpoint or teacher_meta.get("checkpoint") or head_src,
-                                                 teacher_meta["model_type"]), strict=False)
+        teacher_src = cfg.teacher_checkpoint or teacher_meta.get("checkpoint") or head_src
+        teacher_head = _models.load_head(_models.build_sam_sized("vit_t", image_size),
+                                         _models.read_head_state(teacher_src, teacher_meta["model_type"]), teacher_src)
     module = DistillModule(student, teacher_head, cfg).to(device)
     student.train()
     student.mask_decoder.train(cfg.train_decoder)
