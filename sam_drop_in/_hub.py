@@ -1,13 +1,8 @@
 """Hugging Face Hub access for checkpoints: ``hf://`` parsing, cached downloads, clear errors.
 
-huggingface_hub is a run-time dependency, but importing it costs most of a second, so it
-is imported inside the functions that need it: ``import sam_drop_in`` stays fast for
-users who only load local files.
-
-Cache policy: a file already in the huggingface_hub cache for the requested revision is
-used without any network request (so a second load works offline and costs nothing).
-To pick up a newer upload to a branch, pin the new revision or delete the cached entry
-(``hf cache delete``).
+huggingface_hub is imported inside the functions that need it (it costs most of a second).
+A file already in its cache for the requested revision is used without any network request;
+to pick up a newer upload to a branch, pin the new revision or delete the cached entry.
 """
 
 from __future__ import annotations
@@ -162,22 +157,16 @@ def parse_hf_uri(uri: str) -> HfLocation:
     return HfLocation(f"{owner}/{repo}", revision, "/".join(rel) or None)
 
 
-def _endpoint() -> str:
+def _hf_constants():
+    # Read at each call: huggingface_hub reads its environment variables (endpoint, cache,
+    # offline mode) into this module, and tests change them.
     from huggingface_hub import constants
 
-    return constants.ENDPOINT
-
-
-def _cache_dir() -> str:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
+    return constants
 
 
 def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.is_offline_mode())
+    return bool(_hf_constants().is_offline_mode())
 
 
 def _where(loc_repo: str, filename: str, revision: str | None) -> str:
@@ -190,7 +179,7 @@ def _hub_error(exc: BaseException, repo_id: str, filename: str | None, revision:
     from huggingface_hub import errors as hf_errors
 
     what = _where(repo_id, filename, revision) if filename else f"repo '{repo_id}' at revision '{revision or 'main'}'"
-    endpoint = _endpoint()
+    endpoint, cache = _hf_constants().ENDPOINT, _hf_constants().HF_HUB_CACHE
     local_hint = "or download the file yourself and pass its local path as checkpoint="
     if isinstance(exc, hf_errors.HFValidationError) or (type(exc) is ValueError and "filename" in str(exc)):
         # parse_hf_uri applies the Hub's rules first; this is a rule huggingface_hub added since.
@@ -206,17 +195,17 @@ def _hub_error(exc: BaseException, repo_id: str, filename: str | None, revision:
         cause = exc.__cause__
         if _offline():
             return CheckpointNotFoundError(
-                f"HF_HUB_OFFLINE is set and {what} is not in the local cache ({_cache_dir()}); "
+                f"HF_HUB_OFFLINE is set and {what} is not in the local cache ({cache}); "
                 f"load it once with network access, {local_hint}"
             )
         if isinstance(cause, hf_errors.HfHubHTTPError) and cause.response is not None:
             return CheckpointError(
                 f"the Hub at {endpoint} answered HTTP {cause.response.status_code} for {what}, and the file is not "
-                f"in the local cache ({_cache_dir()}); try again later, {local_hint}"
+                f"in the local cache ({cache}); try again later, {local_hint}"
             )
         return CheckpointError(
             f"could not reach the Hub at {endpoint} ({type(cause).__name__ if cause else 'no connection'}) "
-            f"and {what} is not in the local cache ({_cache_dir()}); check the connection, set HF_HUB_OFFLINE=1 "
+            f"and {what} is not in the local cache ({cache}); check the connection, set HF_HUB_OFFLINE=1 "
             f"to use files cached earlier, {local_hint}"
         )
     if isinstance(exc, hf_errors.EntryNotFoundError):
@@ -435,7 +424,7 @@ def _bounded(fn: Callable[[], _T], limit: float, uri: str) -> _T:
 
 def _stopped_message(uri: str, budget: _Budget) -> str:
     return (
-        f"fetching {uri!r} from the Hub at {_endpoint()} failed: {budget.stopped}. The limit for one checkpoint "
+        f"fetching {uri!r} from the Hub at {_hf_constants().ENDPOINT} failed: {budget.stopped}. The limit for one checkpoint "
         f"is {budget.limit:g} s; raise it with download_timeout= or the {DOWNLOAD_TIMEOUT_ENV} environment "
         "variable (seconds) for a slow connection, try again later, or download the file yourself and pass "
         "its local path as checkpoint="
@@ -515,7 +504,7 @@ def _try_download(repo_id: str, filename: str, revision: str | None) -> str | No
 
 def _cached_repo_files(repo_id: str, revision: str | None) -> list[str]:
     """Files of a repo snapshot present in the local cache (for offline listing)."""
-    folder = Path(_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
+    folder = Path(_hf_constants().HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
     rev = revision or "main"
     commit = rev
     ref = folder / "refs" / rev

@@ -1,16 +1,7 @@
-"""Pure functions that recognise and convert checkpoint layouts.
-
-Every function here maps plain data to plain data (``dict[str, Tensor]`` in,
-``dict[str, Tensor]`` or a small description out) and touches no file or network,
-so each one can be tested on its own and reused by the loader, ``convert`` and
-``inspect_checkpoint``.
-
-Layouts understood:
-
-- ``"segment_anything"``: Meta's key names (``image_encoder.*``, ``prompt_encoder.*``,
-  ``mask_decoder.*``). MobileSAM's and TinySAM's ``vit_t`` files use the same names,
-  with TinyViT keys under ``image_encoder.``.
-- ``"transformers"``: Hugging Face ``SamModel`` (``vision_encoder.*``, ``shared_image_embedding.*``, ...).
+"""Pure functions (state dict in, state dict or description out; no file, no network) that
+recognise and convert checkpoint layouts: ``"segment_anything"`` (Meta's key names, which
+MobileSAM's and TinySAM's ``vit_t`` files share, TinyViT keys under ``image_encoder.``) and
+``"transformers"`` (Hugging Face ``SamModel``: ``vision_encoder.*``, ...).
 """
 
 from __future__ import annotations
@@ -122,10 +113,7 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def detect_model_type(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """Tell which model type (vit_h/l/b/t) a state dict's image encoder is.
-
-    Works on either layout; decided by key names (TinyViT vs ViT) and the ViT
-    width and depth.
+    """Tell which model type a state dict's image encoder is (see :func:`describe_encoder`).
 
     Arguments:
       state_dict (Mapping[str, torch.Tensor]): parameter name -> tensor, prefixes stripped.
@@ -138,7 +126,8 @@ def detect_model_type(state_dict: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def describe_encoder(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Describe the image encoder found in a state dict.
+    """Describe the image encoder found in a state dict (either layout), by its key names
+    (TinyViT or ViT) and its width and depth.
 
     Arguments:
       state_dict (Mapping[str, torch.Tensor]): parameter name -> tensor, prefixes stripped.

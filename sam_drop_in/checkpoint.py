@@ -1,24 +1,10 @@
-"""One safe loader for every checkpoint source, format and layout.
+"""One safe loader for every checkpoint source (local file, ``hf://`` address), format
+(safetensors, pickle) and layout (segment_anything, MobileSAM/TinySAM, transformers).
 
-``checkpoint=`` in every builder accepts:
-
-- a local path (str or ``os.PathLike``) to a ``.safetensors`` file or a pickled
-  ``.pt`` / ``.pth`` / ``.bin`` state dict;
-- ``hf://OWNER/REPO[@REVISION]/PATH/IN/REPO`` (huggingface_hub's HfFileSystem convention);
-- ``hf://OWNER/REPO[@REVISION]``: the repo's weights (its sam-drop-in ``config.json``
-  names the file; else ``model.safetensors``; else the only weights file).
-
-Safety: safetensors files are read directly; pickles only with
-``torch.load(weights_only=True)``. There is no fallback to an unrestricted unpickler: a
-pickle that would construct anything but tensors and containers is refused before any of
-its code runs, with :class:`UnsafeCheckpointError` naming what it asked for; a file that is
-not a checkpoint at all (empty, cut short, random bytes) is a plain :class:`CheckpointError`.
-Weights must be floating point, and finite unless allowed (``allow_non_finite=True`` or
-``SAM_DROP_IN_ALLOW_NON_FINITE=1``). Hub fetches run under an overall deadline
-(``download_timeout=`` or ``SAM_DROP_IN_DOWNLOAD_TIMEOUT``, default 1800 s).
-
-Errors: every failure raises :class:`CheckpointError` or a subclass (``_errors.py`` says which
-built-in exceptions each one also is, so that upstream's handlers keep catching them).
+Safety: pickles are read only with ``torch.load(weights_only=True)``, with no fallback: a pickle
+that would construct anything but tensors and containers is refused before any of its code
+runs (:class:`UnsafeCheckpointError` names what it asked for). Every failure raises
+:class:`CheckpointError` or a subclass (``_errors.py``); :func:`load_state_dict` says which.
 """
 
 from __future__ import annotations

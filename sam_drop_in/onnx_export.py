@@ -1,18 +1,11 @@
 """Export a ``Sam`` model's decoder and image encoder to ONNX, and quantise the result to int8.
 
-Exporter: the TorchScript-based one, ``torch.onnx.export(..., dynamo=False)``. It still exists in
-torch 2.14 (with a DeprecationWarning, silenced here) and exports both graphs for opsets 16 and
-17 with a dynamic number of points. The default dynamo exporter is not used because the decoder's
-crop size is computed from the *values* of the ``orig_im_size`` input, which ``torch.export``
-treats as data-dependent shapes; the TorchScript exporter records it as ordinary graph arithmetic
-(see ``SamOnnxModel.mask_postprocessing``).
+Exporter: the TorchScript one (``dynamo=False``; its DeprecationWarning is silenced). The dynamo
+exporter cannot be used: the decoder's crop size is computed from the *values* of the
+``orig_im_size`` input, which ``torch.export`` treats as data-dependent shapes.
 
-Every exported file carries metadata (``sam_drop_in.*`` keys in ``metadata_props``: kind, model
-image size, pixel mean/std, export flags) that ``sam_drop_in.onnx_predictor.SamOnnxPredictor``
-reads. Files are written atomically: a failed export leaves nothing at the destination.
-
-Needs the ``onnx`` extra: ``pip install sam-drop-in[onnx]``. The command line is
-``sam-drop-in export-onnx`` (``sam_drop_in/cli/export_onnx.py``).
+Every file carries ``sam_drop_in.*`` metadata (kind, image size, pixel mean/std, export flags)
+that ``SamOnnxPredictor`` reads, and is written atomically. Needs ``pip install sam-drop-in[onnx]``.
 """
 
 from __future__ import annotations
@@ -86,10 +79,8 @@ def _quiet_export() -> Iterator[None]:
     with warnings.catch_warnings():
         # The tracer warns about every Python-level shape comparison and the legacy exporter
         # about its own deprecation; neither is actionable for the user of this function.
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=UserWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
+        for category in (torch.jit.TracerWarning, DeprecationWarning, UserWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
         yield
 
 
@@ -143,8 +134,7 @@ def _set_metadata(path: str, metadata: Dict[str, Any]) -> None:
 
 
 def _make_session(path: str):
-    ort = _require("onnxruntime")
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return _require("onnxruntime").InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
 def _decoder_example_inputs(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -197,12 +187,8 @@ def export_decoder(
     return_extra_metrics: bool = False,
     quantize_out: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Export the prompt encoder + mask decoder (``SamOnnxModel``) to an ONNX file.
-
-    The graph has upstream's inputs (``image_embeddings`` 1x256x64x64, ``point_coords`` 1xNx2,
-    ``point_labels`` 1xN, ``mask_input`` 1x1x256x256, ``has_mask_input`` 1, ``orig_im_size`` 2,
-    all float32, N dynamic) and outputs (``masks``, ``iou_predictions``, ``low_res_masks``; five
-    outputs with ``return_extra_metrics``). See ``SamOnnxModel`` for their meaning.
+    """Export the prompt encoder + mask decoder (``SamOnnxModel``) to an ONNX file, with
+    upstream's inputs and outputs (``SamOnnxModel``'s docstring gives their shapes and meaning).
 
     Arguments:
       model (Sam): any model type (vit_h, vit_l, vit_b, vit_t); not modified.
@@ -261,14 +247,9 @@ def export_encoder(
     include_preprocessing: bool = True,
     quantize_out: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Export the image encoder (``SamEncoderOnnxModel``) to an ONNX file.
-
-    With ``include_preprocessing=True`` the graph input is ``input_image``: float32 HxWx3 RGB,
-    values 0..255, already resized so max(H, W) == 1024 (``ResizeLongestSide.apply_image``),
-    H and W dynamic; normalisation and padding happen inside. Without it the input is ``x``:
-    float32 Bx3x1024x1024 normalised and padded, B dynamic. Output ``image_embeddings``
-    float32 Bx256x64x64. Large encoders (over 2 GB: vit_h, vit_l) get their weights in an
-    external-data file beside ``path`` (ONNX's protobuf size limit).
+    """Export the image encoder (``SamEncoderOnnxModel``, whose docstring gives the graph's input
+    and output) to an ONNX file. Encoders over ONNX's 2 GB protobuf limit (vit_h, vit_l) get
+    their weights in one external-data file beside ``path``.
 
     Arguments:
       model (Sam): any model type; not modified.
@@ -318,12 +299,11 @@ def quantize(model_path: str, output_path: str) -> str:
     Returns:
       (str): ``output_path``.
     """
-    _require("onnx")
+    onnx = _require("onnx")
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as e:
         raise ImportError(f"{_INSTALL_HINT} (onnxruntime.quantization: {e})") from e
-    onnx = _require("onnx")
     metadata = {
         p.key[len(METADATA_PREFIX):]: json.loads(p.value)
         for p in onnx.load(model_path, load_external_data=False).metadata_props

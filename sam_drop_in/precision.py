@@ -285,16 +285,8 @@ def _compile_parts(model: nn.Module, mode: str, device: torch.device) -> None:
 
 
 def reduce_precision(model: nn.Module, mode: str) -> nn.Module:
-    """Mode "bf16" or "fp16" without :func:`optimize`'s device checks (fp16 on a CPU is slow but
-    correct), so that tests and benchmarks can run that path on any machine.
-
-    Arguments:
-      model (Sam): changed in place: image encoder and mask decoder weights in the mode's dtype,
-        float32 at every entry point of them.
-      mode (str): "bf16" or "fp16".
-
-    Returns:
-      (Sam): ``model``.
-    """
+    """``optimize(model, mode)`` for mode "bf16" or "fp16" (str) without its device checks (fp16 on
+    a CPU is slow but correct), so that tests and benchmarks run that path anywhere. Returns
+    ``model`` (Sam), changed in place."""
     _reduce_precision(model, _DTYPES[mode])
     return model

@@ -1,21 +1,8 @@
 """The ASGI application of ``sam-drop-in serve``: the page and its JSON/HTTP API (Starlette).
 
-Routes (docs/serve.md has request and response examples):
-
-- ``GET /``: the page; ``GET /static/...``: its assets (inside the package).
-- ``GET /api/info``: model, checkpoint and limits.
-- ``POST /api/embed``: an image (raw bytes, or multipart field ``image``) -> a session id.
-- ``POST /api/predict``: JSON prompt on a session -> masks (uncompressed COCO RLE).
-- ``POST /api/everything``: JSON on a session -> every mask (the records of
-  ``sam-drop-in everything --convert-to-rle``).
-- ``GET /api/session/{id}``: size, embedding time, everything progress;
-  ``DELETE /api/session/{id}``: forget it.
-- ``GET /api/session/{id}/embedding``: the cached image embedding, raw float32 1x256x64x64.
-- ``GET /api/decoder.onnx``: the exported ONNX decoder (segment_anything's demo settings).
-- ``GET /ort/{file}``: onnxruntime-web, from the per-user cache (browser decoding).
-
-Bad input of any kind is a 4xx with ``{"error": message}``; model work runs in worker threads,
-so a long everything job never blocks the page of another tab.
+``create_app`` lists the routes; docs/serve.md has request and response examples. Bad input of
+any kind is a 4xx with ``{"error": message}``; model work runs in worker threads, so a long
+everything job never blocks the page of another tab.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """Per-image sessions of ``sam-drop-in serve``: one cached embedding per uploaded image.
 
 Each upload gets its own :class:`Session` (an unguessable id, its own ``SamPredictor`` over the
-shared model), so several browser tabs or annotation tools work at once without seeing each
-other's image. The store keeps at most ``max_sessions`` of them and drops the least recently
-used one when a new image arrives; a request naming a dropped session gets a 404 that says to
-upload the image again.
-
-This module needs numpy, torch and the package itself, not the web framework: the HTTP layer
-(``app.py``) turns the exceptions raised here into 4xx responses.
+shared model), so several tabs work at once without seeing each other's image; the store drops
+the least recently used one beyond ``max_sessions``. No web framework here: ``app.py`` turns the
+exceptions raised here into 4xx responses.
 """
 
 from __future__ import annotations
@@ -116,21 +112,13 @@ class Session:
         self.everything_seconds: Optional[float] = None
         self.everything_progress: Optional[Any] = None  # progress.EverythingProgress while a job runs
 
-    @property
-    def height(self) -> int:
-        return int(self.image.shape[0])
-
-    @property
-    def width(self) -> int:
-        return int(self.image.shape[1])
-
     def status(self) -> Dict[str, Any]:
         running = self.everything_started is not None
         progress = self.everything_progress
         return {
             "session_id": self.id,
-            "width": self.width,
-            "height": self.height,
+            "width": int(self.image.shape[1]),
+            "height": int(self.image.shape[0]),
             "embed_seconds": round(self.embed_seconds, 4),
             "everything_running": running,
             "everything_elapsed_seconds": round(time.monotonic() - self.everything_started, 2) if running else None,
