@@ -1,4 +1,5 @@
-"""Validation of images and prompts, shared by SamPredictor and the ONNX Runtime predictor.
+"""Validation of images and prompts (SamPredictor, the ONNX Runtime predictor), and the table of
+generator settings (the everything command, the server).
 
 Everything here is numpy-only (no torch import) and raises :class:`InputError` with a message
 that says what was wrong and what to do. Where segment_anything asserts, the message is the same
@@ -13,6 +14,29 @@ import numpy as np
 from ._errors import ImageDtypeError, InputError, PromptShapeError
 
 IMAGE_FORMATS = ("RGB", "BGR")
+
+# The generator settings of segment_anything's scripts/amg.py that the everything command and the
+# server let a user set: (name, type, (low, high, high included) allowed range, help). Outside the
+# range the generator crashes or silently finds nothing (0 points per side divides by zero, -1
+# crop layers indexes past the crop list), so the command refuses such values before loading.
+AMG_OPTIONS = (
+    ("points_per_side", int, (1, None, True), "Sample a grid with this many points to a side (default 32)."),
+    ("points_per_batch", int, (1, None, True), "How many points are decoded together in one batch (default 64)."),
+    ("pred_iou_thresh", float, (0, 1, True), "Drop masks whose predicted IoU is below this (default 0.88)."),
+    ("stability_score_thresh", float, (0, 1, True),
+     "Drop masks whose stability score is below this (default 0.95)."),
+    ("stability_score_offset", float, (0, None, True),
+     "Logit shift used to measure the stability score (default 1.0)."),
+    ("box_nms_thresh", float, (0, 1, True), "Box IoU above which a duplicate mask is dropped (default 0.7)."),
+    ("crop_n_layers", int, (0, None, True), "If >0, also run on crops of the image, at this many scales (default 0)."),
+    ("crop_nms_thresh", float, (0, 1, True), "Box IoU for dropping duplicate masks across crops (default 0.7)."),
+    ("crop_overlap_ratio", float, (0, 1, False),
+     "Overlap of the crops, a fraction of the image's short side (default 512/1500)."),
+    ("crop_n_points_downscale_factor", int, (1, None, True),
+     "Points per side in crop layer i are divided by this to the power i (default 1)."),
+    ("min_mask_region_area", int, (0, None, True),
+     "Remove islands and fill holes smaller than this many pixels (default 0; needs OpenCV)."),
+)
 
 
 def check_image_format(image_format: str) -> None:

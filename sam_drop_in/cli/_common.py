@@ -208,6 +208,15 @@ def resolve_device(name: str):
     return device
 
 
+def checkpoint_source(source: str) -> str:
+    """``source`` (a local file or an ``hf://`` address) for ``convert`` and ``info``; CliError for
+    a local file that does not exist. Quiets huggingface_hub's logging (see below)."""
+    if not source.startswith("hf://") and not os.path.exists(source):
+        raise CliError(f"no such file: '{source}'")
+    quiet_hub_logging()
+    return source
+
+
 def quiet_hub_logging() -> None:
     # huggingface_hub logs every connection retry as a warning; the CLI reports the outcome
     # as one line instead.

@@ -4,11 +4,9 @@ folder (model.safetensors, config.json, README.md), optionally uploaded to the H
 from __future__ import annotations
 
 import argparse
-import os
 
 from .._constants import REGISTRY_KEYS
 from . import _common as c
-from ._common import CliError
 
 
 def register(subparsers) -> None:
@@ -26,13 +24,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.src.startswith("hf://") and not os.path.exists(args.src):
-        raise CliError(f"no such file: '{args.src}'")
     from ..checkpoint import convert
 
-    c.quiet_hub_logging()
     # CheckpointError (unreadable, another model type): status 2, from main.
-    written = convert(args.src, args.dst, model_type=args.model_type, push_to_hub=args.push_to_hub,
+    written = convert(c.checkpoint_source(args.src), args.dst, model_type=args.model_type, push_to_hub=args.push_to_hub,
                       private=args.private or None)
     print(f"wrote {written} (+ config.json, README.md)" + (f"; uploaded to {args.push_to_hub}" if args.push_to_hub else ""))
     return c.EXIT_OK

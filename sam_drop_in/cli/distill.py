@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -145,20 +146,12 @@ def _run_train(a) -> dict:
     from ..distill.losses import FullStageWeights
     from ..distill.train import TrainConfig, train
 
-    cfg = TrainConfig(
-        embeddings=a.embeddings, out=a.out, image_root=a.image_root,
-        teacher_checkpoint=a.teacher_checkpoint, decoder_from=a.decoder_from, init=a.init,
-        epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
-        lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
-        clip_grad=a.clip_grad, amp=a.amp, checkpoint_every=a.checkpoint_every,
-        keep_checkpoints=a.keep_checkpoints, resume=a.resume, stop_after=a.stop_after,
-        full_stage=a.full_stage, prompts_per_image=a.prompts_per_image, hard_rounds=a.hard_rounds,
-        weights=FullStageWeights(a.embedding_weight, a.token_weight, a.mask_weight,
-                                 not a.no_hard_mask_weighting),
-        train_decoder=a.train_decoder, embed_loss=a.embed_loss, num_workers=a.num_workers,
-        seed=a.seed, device=a.device, log_every=a.log_every, progress=not a.no_progress,
-        verify_images=not a.no_verify_images,
-    )
+    # Every flag but the weights and the --no-* ones has the name of its TrainConfig field.
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"weights", "progress", "verify_images"}
+    cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k in fields},
+                      weights=FullStageWeights(a.embedding_weight, a.token_weight, a.mask_weight,
+                                               not a.no_hard_mask_weighting),
+                      progress=not a.no_progress, verify_images=not a.no_verify_images)
     r = train(cfg)
     return {"final_step": r["final_step"], "last_loss": r["losses"][-1] if r["losses"] else None,
             "export": r["export"], "checkpoint": r["checkpoint"]}

@@ -11,6 +11,7 @@ from typing import Any, Dict, List
 
 from .._errors import InputError
 from .._fileio import atomic_write
+from .._validation import AMG_OPTIONS
 from . import _common as c
 from ._common import CliError
 
@@ -20,29 +21,6 @@ METADATA_HEADER = (
     "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h"
 )
 
-AMG_OPTIONS = (
-    # (flag, type, (low, high, high included) allowed range, help): the AMG settings of
-    # segment_anything's scripts/amg.py. Unset options keep the generator's own defaults, as
-    # upstream's script does. Values outside the range crash or silently empty the generator
-    # (0 points per side divides by zero, -1 crop layers indexes past the crop list), so they
-    # are refused before the model loads.
-    ("--points-per-side", int, (1, None, True), "Sample a grid with this many points to a side (default 32)."),
-    ("--points-per-batch", int, (1, None, True), "How many points are decoded together in one batch (default 64)."),
-    ("--pred-iou-thresh", float, (0, 1, True), "Drop masks whose predicted IoU is below this (default 0.88)."),
-    ("--stability-score-thresh", float, (0, 1, True),
-     "Drop masks whose stability score is below this (default 0.95)."),
-    ("--stability-score-offset", float, (0, None, True),
-     "Logit shift used to measure the stability score (default 1.0)."),
-    ("--box-nms-thresh", float, (0, 1, True), "Box IoU above which a duplicate mask is dropped (default 0.7)."),
-    ("--crop-n-layers", int, (0, None, True), "If >0, also run on crops of the image, at this many scales (default 0)."),
-    ("--crop-nms-thresh", float, (0, 1, True), "Box IoU for dropping duplicate masks across crops (default 0.7)."),
-    ("--crop-overlap-ratio", float, (0, 1, False),
-     "Overlap of the crops, a fraction of the image's short side (default 512/1500)."),
-    ("--crop-n-points-downscale-factor", int, (1, None, True),
-     "Points per side in crop layer i are divided by this to the power i (default 1)."),
-    ("--min-mask-region-area", int, (0, None, True),
-     "Remove islands and fill holes smaller than this many pixels (default 0; needs OpenCV)."),
-)
 
 
 def register(subparsers) -> None:
@@ -64,8 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--high-score-thresh", type=float, default=None,
                    help="With --hierarchical: logit above which a pixel counts as covered (default 8.5).")
     g = p.add_argument_group("AMG settings (as segment_anything's scripts/amg.py)")
-    for flag, typ, _, help_text in AMG_OPTIONS:
-        g.add_argument(flag, type=typ, default=None, help=help_text)
+    for name, typ, _, help_text in AMG_OPTIONS:
+        g.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_text)
     c.add_model_options(p, "sam_output/everything")
 
 
@@ -73,8 +51,8 @@ def _amg_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """The generator's keyword arguments for the options given; CliError (naming the flag)
     for a value outside its range."""
     out = {}
-    for flag, typ, (low, high, high_included), _ in AMG_OPTIONS:
-        key = flag[2:].replace("-", "_")
+    for key, typ, (low, high, high_included), _ in AMG_OPTIONS:
+        flag = "--" + key.replace("_", "-")
         value = getattr(args, key)
         if value is None:
             continue

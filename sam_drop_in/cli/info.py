@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from . import _common as c
-from ._common import CliError
 
 
 def register(subparsers) -> None:
@@ -18,12 +16,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.checkpoint.startswith("hf://") and not os.path.exists(args.checkpoint):
-        raise CliError(f"no such file: '{args.checkpoint}'")
     from ..checkpoint import inspect_checkpoint
 
-    c.quiet_hub_logging()
-    info = inspect_checkpoint(args.checkpoint)  # CheckpointError: status 2, from main
+    info = inspect_checkpoint(c.checkpoint_source(args.checkpoint))  # CheckpointError: status 2, from main
     if args.json:
         print(json.dumps(info, indent=2))
         return c.EXIT_OK

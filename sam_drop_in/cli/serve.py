@@ -41,6 +41,10 @@ def register(subparsers) -> None:
                         "per-user cache ($XDG_CACHE_HOME/sam_drop_in or ~/.cache/sam_drop_in), then exit.")
 
 
+def _say(line: str) -> None:
+    print(f"sam-drop-in serve: {line}", flush=True)
+
+
 def _bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -79,7 +83,7 @@ def _decoder_setup(choice: str):
     why = onnx_missing()
     if why is None and folder is None:
         try:
-            folder = web_runtime.fetch(log=lambda line: print(f"sam-drop-in serve: {line}", flush=True))
+            folder = web_runtime.fetch(log=_say)
         except WebRuntimeError as exc:
             why = str(exc)
     if why is not None:
@@ -101,10 +105,10 @@ def run(args: argparse.Namespace) -> int:
         from ..serve import web_runtime
 
         try:
-            folder = web_runtime.fetch(log=lambda line: print(f"sam-drop-in serve: {line}", flush=True))
+            folder = web_runtime.fetch(log=_say)
         except WebRuntimeError as exc:
             raise CliError(str(exc), code=c.EXIT_FAILED) from None
-        print(f"sam-drop-in serve: {web_runtime.PACKAGE} {web_runtime.VERSION} is in {folder}", flush=True)
+        _say(f"{web_runtime.PACKAGE} {web_runtime.VERSION} is in {folder}")
         return c.EXIT_OK
     from ..serve import create_app, missing_dependencies, run_server
 
@@ -121,15 +125,14 @@ def run(args: argparse.Namespace) -> int:
     shown = f"[{host}]" if ":" in host else host
     if args.host not in LOOPBACK:
         c.warn(f"--host {args.host}: the server (no authentication) is reachable from other machines")
-    print(f"sam-drop-in serve: {model_type} ({ckpt_desc}) on http://{shown}:{port}/  (Ctrl-C stops it)", flush=True)
-    print(f"sam-drop-in serve: decoding in the {decoder}"
-          + (f" (onnxruntime-web from {runtime})" if runtime is not None else " (browser decoding not offered)"),
-          flush=True)
+    _say(f"{model_type} ({ckpt_desc}) on http://{shown}:{port}/  (Ctrl-C stops it)")
+    _say(f"decoding in the {decoder}"
+         + (f" (onnxruntime-web from {runtime})" if runtime is not None else " (browser decoding not offered)"))
     try:
         run_server(app, sockets=[sock], log_level="warning")
     except KeyboardInterrupt:
         # uvicorn shuts down gracefully on Ctrl-C, then re-raises it: for a server that is the
         # normal way to stop, not a failure.
         pass
-    print("sam-drop-in serve: stopped", flush=True)
+    _say("stopped")
     return c.EXIT_OK

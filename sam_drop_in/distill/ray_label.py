@@ -20,9 +20,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
-import numpy as np
-
-from .._fileio import atomic_write
+from .._fileio import atomic_write, json_default
 from ..automatic_mask_generator import SamAutomaticMaskGenerator
 from . import _models
 
@@ -37,20 +35,6 @@ def _import_ray():
             "Without --ray the same labelling runs in this process."
         ) from exc
     return ray
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, bytes):
-        return v.decode("utf-8")
-    return v
 
 
 class Labeler:
@@ -85,21 +69,21 @@ class Labeler:
         kwargs["output_mode"] = "coco_rle"
         self.generator = SamAutomaticMaskGenerator(sam, **kwargs)
 
-    def label(self, rel_path: str) -> Dict[str, Any]:
-        """Label one image; returns the JSON-ready record described in the module docstring."""
+    def label(self, rel_path: str) -> str:
+        """Label one image; returns the JSON line (no newline) described in the module docstring."""
         image = _models.load_rgb(str(self.image_root / rel_path))
         anns = self.generator.generate(image)
-        return {
+        return json.dumps({
             "path": rel_path,
             "height": int(image.shape[0]),
             "width": int(image.shape[1]),
-            "annotations": [_jsonable(a) for a in anns],
-        }
+            "annotations": anns,
+        }, default=json_default)
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[str]]:
         # Records travel as JSON strings: nested, ragged annotation lists do not fit Arrow columns.
         paths = [str(p) for p in batch["path"]]
-        return {"path": paths, "record": [json.dumps(self.label(p)) for p in paths]}
+        return {"path": paths, "record": [self.label(p) for p in paths]}
 
 
 def label_folder(
@@ -156,7 +140,7 @@ def label_folder(
             records: Iterable[str] = _ray_records(paths, ctor, num_actors, batch_size, num_gpus_per_actor, ray_address)
         else:
             labeler = Labeler(**ctor)
-            records = (json.dumps(labeler.label(p)) for p in paths)
+            records = (labeler.label(p) for p in paths)
         with open(tmp, "w") as f:
             for line in tqdm(records, total=len(paths), disable=not progress, desc="label", unit="img"):
                 n_masks[0] += len(json.loads(line)["annotations"])

@@ -14,24 +14,20 @@ from __future__ import annotations
 import importlib
 from typing import Any, Optional
 
-# (module, why) pairs the server needs; checked together so the message lists all that are missing.
-REQUIRED = (
-    ("starlette", "the web application"),
-    ("uvicorn", "the HTTP server"),
-    ("python_multipart", "multipart/form-data uploads (python-multipart)"),
-    ("pycocotools", "COCO RLE records of everything mode"),
-)
-_PIP_NAMES = {"python_multipart": "python-multipart"}
+# Module -> pip name of what the server needs: the web application, the HTTP server, multipart
+# uploads, everything mode's COCO RLE. Checked together so the message lists all that are missing.
+REQUIRED = {"starlette": "starlette", "uvicorn": "uvicorn", "python_multipart": "python-multipart",
+            "pycocotools": "pycocotools"}
 
 
 def missing_dependencies() -> list:
     """The pip names of the serve extra's packages that cannot be imported here."""
     missing = []
-    for module, _ in REQUIRED:
+    for module, pip in REQUIRED.items():
         try:
             importlib.import_module(module)
         except ImportError:
-            missing.append(_PIP_NAMES.get(module, module))
+            missing.append(pip)
     return missing
 
 

@@ -18,28 +18,16 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from .._errors import InputError
+from .._validation import AMG_OPTIONS
 
 # Options of the everything generators a client may set (segment_anything's scripts/amg.py
 # settings, plus TinySAM's high_score_thresh for the hierarchical generator). Anything else is
 # refused by name rather than passed through, so a typo is an error, not a silent default.
-EVERYTHING_OPTIONS = (
-    "points_per_side",
-    "points_per_batch",
-    "pred_iou_thresh",
-    "stability_score_thresh",
-    "stability_score_offset",
-    "box_nms_thresh",
-    "crop_n_layers",
-    "crop_nms_thresh",
-    "crop_overlap_ratio",
-    "crop_n_points_downscale_factor",
-    "min_mask_region_area",
-)
+EVERYTHING_OPTIONS = tuple(name for name, *_ in AMG_OPTIONS)
 HIERARCHICAL_ONLY_OPTIONS = ("high_score_thresh",)
+INTEGER_OPTIONS = tuple(name for name, typ, *_ in AMG_OPTIONS if typ is int)
 # Bounds that keep one request from occupying the server for hours or exhausting memory
 # (points_per_side 128 is 16384 prompts per crop, 16x the default).
-INTEGER_OPTIONS = ("points_per_side", "points_per_batch", "crop_n_layers", "crop_n_points_downscale_factor",
-                   "min_mask_region_area")
 OPTION_LIMITS = {"points_per_side": (1, 128), "points_per_batch": (1, 1024), "crop_n_layers": (0, 2)}
 
 
