@@ -327,12 +327,8 @@ _STREAM_CLASSES: dict[type, type | None] = {}
 
 
 def _deadline_stream_class(stream_type: type) -> type | None:
-    """A subclass of the HTTP library's SyncByteStream that checks the budget between chunks.
-
-    huggingface_hub has used ``httpx`` and ``httpx2``; the base class is taken from the
-    response's own stream type so that either works. None when there is no such base (then
-    only the caller's wait is bounded, not the body download).
-    """
+    """A subclass of the response stream's SyncByteStream base (httpx's or httpx2's) that checks
+    the budget between chunks; None without such a base (then only the caller's wait is bounded)."""
     if stream_type not in _STREAM_CLASSES:
         base = next((c for c in stream_type.__mro__ if c.__name__ == "SyncByteStream"), None)
         cls = None
@@ -354,11 +350,9 @@ def _deadline_stream_class(stream_type: type) -> type | None:
 
 
 def _install_hooks() -> None:
-    """Add our hooks to huggingface_hub's shared HTTP client (idempotent; a no-op for others).
-
-    The hooks act only on threads running a bounded fetch. huggingface_hub replaces its client
-    after a connection error, so this runs before every download.
-    """
+    """Add our hooks (which act only on threads running a bounded fetch) to huggingface_hub's
+    shared HTTP client; idempotent, and run before every download as the client is replaced
+    after a connection error."""
     try:
         from huggingface_hub import get_session
     except ImportError:  # huggingface_hub < 1.0 (requests): only the caller's wait is bounded
@@ -380,12 +374,9 @@ _T = TypeVar("_T")
 
 
 def _bounded(fn: Callable[[], _T], limit: float, uri: str) -> _T:
-    """Run ``fn`` (a whole fetch) on a helper thread and wait at most ``limit`` seconds for it.
-
-    The deadline holds even where no HTTP hook can act (name resolution, back-off sleeps, an
-    HTTP library without hooks). Once the caller has given up, the hooks make the helper stop at
-    its next request or body chunk, so an abandoned download does not go on in the background.
-    """
+    """Run ``fn`` (a whole fetch) on a helper thread and wait at most ``limit`` seconds for it,
+    even where no HTTP hook can act (name resolution, back-off sleeps). Once the caller gives up,
+    the hooks stop the helper at its next request or body chunk."""
     budget = _Budget(limit)
     done = threading.Event()
     outcome: dict = {}

@@ -147,11 +147,8 @@ def _is_safetensors(path: str) -> bool:
 
 
 def _torch_reason(exc: BaseException) -> str:
-    """torch's own words for a load failure, without its advice to retry with the unsafe unpickler.
-
-    The weights-only unpickler re-raises its finding wrapped in a paragraph that suggests
-    retrying unsafely; the finding itself is the exception's context.
-    """
+    """torch's own words for a load failure, without its advice to retry with the unsafe unpickler
+    (the weights-only unpickler wraps its finding, the exception's context, in that advice)."""
     inner = exc.__context__ if isinstance(exc, pickle.UnpicklingError) and exc.__context__ is not None else exc
     text = str(inner) or type(inner).__name__
     sentences = re.split(r"(?<=[.!?])\s+|\n+", text)
@@ -177,11 +174,9 @@ def _pickle_streams(path: str) -> list[bytes]:
 
 
 def _refused_globals(path: str) -> list[str]:
-    """Globals outside the weights-only set named by the complete pickles in a file.
-
-    Reads the opcodes only (pickletools), never executes them. A stream that does not parse to
-    its end is corrupt: its "globals" may be noise, so only complete pickles count. Legacy
-    torch files hold several pickles back to back; the first five are read.
+    """Globals outside the weights-only set named by the complete pickles in a file (the first
+    five: legacy torch files hold several back to back), from the opcodes alone (pickletools).
+    A stream that does not parse to its end is corrupt, its "globals" maybe noise: not counted.
     """
     found: list[str] = []
     try:
@@ -457,12 +452,9 @@ def _check_values(sd: Mapping[str, torch.Tensor], origin: str, allow_non_finite:
 
 
 def _all_finite(v: torch.Tensor) -> bool:
-    """True when no value of a float tensor is NaN or infinite.
-
-    A finite sum proves it (a NaN or infinity makes any sum NaN or infinite), and a sum runs about
-    ten times faster than an element-wise isfinite (vit_h has 636M values). Only when the sum is
-    not finite (a bad value, or finite values whose sum overflows) is the exact check needed.
-    """
+    """True when no value of a float tensor is NaN or infinite. A finite sum proves it, ten times
+    faster than an element-wise isfinite (vit_h has 636M values); only a sum that is not finite (a
+    bad value, or an overflow) needs the exact check."""
     try:
         total = v.sum(dtype=torch.float64 if v.dtype == torch.float64 else torch.float32)
         if bool(torch.isfinite(total)):
@@ -594,12 +586,8 @@ def _unshare(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str]) -> None:
-    """safetensors.torch.save_file, then the header rewritten in a fixed order.
-
-    The writer emits ``__metadata__`` in hash-map order, which changes from run to run, so two
-    conversions of one file would differ in a few header bytes (and in sha256). The header is
-    re-serialised with sorted metadata: same content, same length, so it is overwritten in place.
-    """
+    """safetensors.torch.save_file, then the header's ``__metadata__`` sorted in place (the writer
+    emits it in hash-map order, so two conversions of one file would differ in sha256)."""
     from safetensors.torch import save_file
 
     save_file(dict(tensors), path, metadata=dict(metadata))
@@ -638,15 +626,10 @@ def convert(
     """Convert any supported checkpoint to a segment_anything-layout safetensors folder.
 
     Writes ``dst/model.safetensors`` (segment_anything keys), ``dst/README.md`` (a model card)
-    and ``dst/config.json`` (``model_type``, ``layout``, ``weights``, ``weights_sha256``,
-    ``source``, ``source_sha256``, ...). Each file goes through a temporary file and
-    ``os.replace`` (with the permissions any file you write gets), so no file is ever partial.
-    ``config.json`` is the commit marker: an earlier conversion's config.json and card are
-    removed before the new weights are written and the new config.json comes last, so an
-    interrupted run never leaves new weights beside an old config; loading the folder checks
-    the weights against ``weights_sha256``. Temporary files of a killed run are removed by the
-    next one. Converting the same input twice gives byte-identical files. Do not run two
-    conversions into one folder at the same time.
+    and ``dst/config.json`` (``weights_sha256``, ``source``, ...), each atomically and
+    byte-identical for the same input. ``config.json`` is the commit marker: an interrupted run
+    never leaves new weights beside an old config (loading checks ``weights_sha256``). Do not run
+    two conversions into one folder at the same time.
 
     Arguments:
       src (str | os.PathLike): local path or ``hf://`` address of the source checkpoint.

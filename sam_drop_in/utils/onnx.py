@@ -11,7 +11,6 @@ see ``sam_drop_in.onnx_export`` for why.
 
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import torch
@@ -100,17 +99,12 @@ class SamOnnxModel(nn.Module):
         return torch.floor(size * scale + 0.5).to(torch.int64)
 
     def _embed_points(self, point_coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
-        pe_layer = self.model.prompt_encoder.pe_layer
-        # Random Fourier features of the pixel centres, normalised to [-1, 1]; the same maths as
-        # the prompt encoder, written with masks instead of boolean indexing so it traces.
-        coords = (point_coords + 0.5) / self.img_size
-        coords = 2 * coords - 1
-        coords = coords @ pe_layer.positional_encoding_gaussian_matrix
-        coords = 2 * math.pi * coords
-        embedding = torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)  # 1xNx256
-
-        labels = point_labels.unsqueeze(-1).expand_as(embedding)
+        # The prompt encoder's maths, with label masks instead of its boolean indexing so that it
+        # traces, and labels 2 and 3 (box corners) given as points.
         prompt_encoder = self.model.prompt_encoder
+        # Random Fourier features of the pixel centres: 1xNx256.
+        embedding = prompt_encoder.pe_layer.forward_with_coords(point_coords + 0.5, (self.img_size, self.img_size))
+        labels = point_labels.unsqueeze(-1).expand_as(embedding)
         embedding = embedding * (labels != -1)
         embedding = embedding + prompt_encoder.not_a_point_embed.weight * (labels == -1)
         for i in range(prompt_encoder.num_point_embeddings):
