@@ -12,6 +12,7 @@ import json
 import os
 
 from .._constants import REGISTRY_KEYS
+from .._validation import AMG_OPTIONS
 from ._common import CliError
 
 
@@ -64,33 +65,26 @@ def _add_train(sub) -> None:
                    help="teacher file for prompt encoder/mask decoder (default: the one in the store)")
     p.add_argument("--decoder-from", default=None, help="vit_t checkpoint supplying prompt encoder/mask decoder")
     p.add_argument("--init", default=None, help="vit_t checkpoint to initialise the student encoder")
-    p.add_argument("--epochs", type=float, default=8.0)
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=8, help="images per micro-batch per process")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--clip-grad", type=float, default=0.0)
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
-    p.add_argument("--checkpoint-every", type=int, default=1000)
-    p.add_argument("--keep-checkpoints", type=int, default=3)
+    # Settings without more to say than TrainConfig's docstring: (flag, type, default).
+    for flag, typ, default in (
+        ("--epochs", float, 8.0), ("--grad-accum", int, 1), ("--lr", float, 1e-3), ("--min-lr", float, 1e-5),
+        ("--weight-decay", float, 0.05), ("--warmup-steps", int, None), ("--clip-grad", float, 0.0),
+        ("--checkpoint-every", int, 1000), ("--keep-checkpoints", int, 3), ("--prompts-per-image", int, 16),
+        ("--embedding-weight", float, 1.0), ("--token-weight", float, 1.0), ("--mask-weight", float, 1.0),
+        ("--num-workers", int, 0), ("--seed", int, 0), ("--log-every", int, 1),
+    ):
+        p.add_argument(flag, type=typ, default=default)
     p.add_argument("--resume", default="auto", help="auto (latest in OUT/checkpoints), none, or a checkpoint file")
     p.add_argument("--stop-after", type=int, default=None, help="stop with a checkpoint at this step")
     p.add_argument("--full-stage", action="store_true", help="add TinySAM decoder token and mask losses")
-    p.add_argument("--prompts-per-image", type=int, default=16)
     p.add_argument("--hard-rounds", type=int, default=9, help="max hard prompt sampling rounds")
-    p.add_argument("--embedding-weight", type=float, default=1.0)
-    p.add_argument("--token-weight", type=float, default=1.0)
-    p.add_argument("--mask-weight", type=float, default=1.0)
     p.add_argument("--no-hard-mask-weighting", action="store_true")
     p.add_argument("--train-decoder", action="store_true", help="fine-tune the mask decoder (needs --full-stage)")
     p.add_argument("--embed-loss", default="mse", choices=["mse", "l1"])
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
-    p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--no-verify-images", action="store_true", help="skip sha256 checks of images")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(_distill=_run_train)
@@ -116,13 +110,8 @@ def _add_label(sub) -> None:
     p.add_argument("--out", required=True, help="output .jsonl")
     p.add_argument("--model-type", default="vit_t", choices=REGISTRY_KEYS)
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--points-per-side", type=int, default=32)
-    p.add_argument("--points-per-batch", type=int, default=64)
-    p.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    p.add_argument("--stability-score-thresh", type=float, default=0.95)
-    p.add_argument("--box-nms-thresh", type=float, default=0.7)
-    p.add_argument("--crop-n-layers", type=int, default=0)
-    p.add_argument("--min-mask-region-area", type=int, default=0)
+    for name, typ, _, help_text in AMG_OPTIONS:  # unset: the generator's default
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_text)
     p.add_argument("--ray", action="store_true", help="run through Ray Data (pip install \"sam-drop-in[ray]\")")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--num-actors", type=int, default=1)
@@ -167,10 +156,7 @@ def _run_eval(a) -> dict:
 def _run_label(a) -> dict:
     from ..distill.ray_label import label_folder
 
-    amg = dict(points_per_side=a.points_per_side, points_per_batch=a.points_per_batch,
-               pred_iou_thresh=a.pred_iou_thresh, stability_score_thresh=a.stability_score_thresh,
-               box_nms_thresh=a.box_nms_thresh, crop_n_layers=a.crop_n_layers,
-               min_mask_region_area=a.min_mask_region_area)
+    amg = {name: getattr(a, name) for name, *_ in AMG_OPTIONS if getattr(a, name) is not None}
     return label_folder(a.images, a.out, a.model_type, a.checkpoint, amg, use_ray=a.ray,
                         num_actors=a.num_actors, batch_size=a.batch_size,
                         num_gpus_per_actor=a.num_gpus_per_actor, num_threads=a.num_threads,
