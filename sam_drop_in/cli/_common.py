@@ -266,20 +266,17 @@ def load_model(model_type: Optional[str], checkpoint: Optional[str], device_name
         checkpoint = ckpt_mod.default_checkpoint(requested or "vit_t")
     quiet_hub_logging()
     try:
+        # A quantised model file (sam-drop-in quantize) names its type and the registry builds it
+        # whole; float weights are read once, to learn their type, and loaded from that read.
         quantized = describe_quantized(ckpt_mod.resolve(checkpoint)[0])
-        if quantized is None:
-            state_dict = ckpt_mod.load_state_dict(checkpoint)
-            found = detect_model_type(state_dict)
-        else:  # a quantised model file (sam-drop-in quantize): the registry builds it whole
-            found = quantized["model_type"]
+        state_dict = None if quantized else ckpt_mod.load_state_dict(checkpoint)
+        found = quantized["model_type"] if quantized else detect_model_type(state_dict)
         if requested is not None and found != requested:
             raise CliError(f"checkpoint '{checkpoint}' holds a {found} model but --model-type is {model_type}; "
                            f"pass --model-type {found} (or leave --model-type out: it is read from the checkpoint)")
-        if quantized is None:
-            sam = sam_model_registry[found]()
+        sam = sam_model_registry[found](checkpoint=checkpoint if quantized else None)
+        if state_dict is not None:
             ckpt_mod.load_into(sam, state_dict)
-        else:
-            sam = sam_model_registry[found](checkpoint=checkpoint)
     except CheckpointError as exc:
         if defaulted:
             raise CliError(
