@@ -4,7 +4,7 @@ Every mode runs on every machine: bf16 and fp16 go through every public entry po
 predict_torch with boxes, mask inputs and several prompts, both mask generators, batched
 embedding) on the vit_t architecture built for 256-pixel inputs, which keeps emulated bf16 (CPUs
 without AVX-512 BF16 / AMX) and CPU fp16 cheap. The public ``optimize`` refuses fp16 off CUDA (it
-would only be slow there); the tests reach the same code through ``precision._reduce_precision``.
+would only be slow there); the tests reach the same code through ``precision.reduce_precision``.
 
 Agreement with fp32 is measured on perturbed random weights: mean IoU of the multimask masks for
 9 points and 8 boxes on a photograph (examples/images/coffee.jpg), and of the automatic mask
