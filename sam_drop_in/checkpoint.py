@@ -306,14 +306,6 @@ def _refuse_quantized(path: str) -> None:
     )
 
 
-def _describe(info: dict, layout: str | None) -> str:
-    if info["kind"] == "vit":
-        return f"a ViT image encoder of width {info['width']} and depth {info['depth']} ({layout} layout)"
-    if info["kind"] == "tiny_vit":
-        return f"a TinyViT image encoder with {info['depth']} stages ending at width {info['width']}"
-    return "no recognisable image encoder"
-
-
 def _convert(sd: dict[str, torch.Tensor], origin: str) -> tuple[dict[str, torch.Tensor], str, str | None]:
     """Layout-convert and identify; raises CheckpointError for what cannot be a SAM checkpoint."""
     bare = _layouts.looks_like_bare_encoder(sd)
@@ -402,9 +394,12 @@ def _checked(sd: dict[str, torch.Tensor], origin: str, model_type: str | None,
     out, layout, found = _convert(sd, origin)
     if found is None:
         info = _layouts.describe_encoder(out)
+        holds = {"vit": f"a ViT image encoder of width {info['width']} and depth {info['depth']} ({layout} layout)",
+                 "tiny_vit": f"a TinyViT image encoder with {info['depth']} stages ending at width {info['width']}"}
         raise CheckpointError(
-            f"{origin} holds {_describe(info, layout)}, which is not one of the standard SAM models "
-            f"(vit_b 768x12, vit_l 1024x24, vit_h 1280x32, vit_t TinyViT); sam_model_registry cannot build it"
+            f"{origin} holds {holds.get(info['kind'], 'no recognisable image encoder')}, which is not one of the "
+            "standard SAM models (vit_b 768x12, vit_l 1024x24, vit_h 1280x32, vit_t TinyViT); "
+            "sam_model_registry cannot build it"
         )
     if model_type is not None and found != model_type:
         raise CheckpointError(

@@ -15,7 +15,7 @@ try:
 except ImportError:  # a torch-free install: only the numpy methods are usable
     torch = F = None
 
-from .._validation import check_resizable, to_uint8
+from .._validation import check_resizable, resized_size, to_uint8
 
 
 class ResizeLongestSide:
@@ -83,6 +83,4 @@ class ResizeLongestSide:
     @staticmethod
     def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> Tuple[int, int]:
         """(H, W) after resizing so that the long side is ``long_side_length`` (rounded half up)."""
-        scale = long_side_length * 1.0 / max(oldh, oldw)
-        newh, neww = oldh * scale, oldw * scale
-        return (int(newh + 0.5), int(neww + 0.5))
+        return resized_size(oldh, oldw, long_side_length)
