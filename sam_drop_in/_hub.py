@@ -48,10 +48,6 @@ class HfLocation:
     revision: str | None
     path: str | None
 
-    def __str__(self) -> str:
-        rev = f"@{self.revision}" if self.revision else ""
-        return f"hf://{self.repo_id}{rev}" + (f"/{self.path}" if self.path else "")
-
 
 def is_hf_uri(source: object) -> bool:
     return isinstance(source, str) and source.startswith("hf://")
@@ -566,7 +562,7 @@ def resolve_repo(repo_id: str, revision: str | None) -> tuple[str, dict]:
     )
 
 
-def fetch(source: str, timeout: float | None = None) -> tuple[str, dict, HfLocation]:
+def fetch(source: str, timeout: float | None = None) -> tuple[str, dict]:
     """Resolve an ``hf://`` address to a local file, within an overall deadline.
 
     Arguments:
@@ -575,7 +571,7 @@ def fetch(source: str, timeout: float | None = None) -> tuple[str, dict, HfLocat
         None: :func:`download_timeout`'s default or environment variable.
 
     Returns:
-      (tuple[str, dict, HfLocation]): local path, sam-drop-in config (may be empty), parsed address.
+      (tuple[str, dict]): local path, and the sam-drop-in config (may be empty).
 
     Raises:
       CheckpointNotFoundError: the repo, revision or file does not exist.
@@ -593,8 +589,7 @@ def fetch(source: str, timeout: float | None = None) -> tuple[str, dict, HfLocat
             return resolve_repo(loc.repo_id, loc.revision)
         return download(loc.repo_id, loc.path, loc.revision), {}
 
-    path, config = _bounded(run, limit, source)
-    return path, config, loc
+    return _bounded(run, limit, source)
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None,

@@ -80,7 +80,7 @@ def resolve(source: Source, *, download_timeout: float | None = None) -> tuple[s
             f"got {type(source).__name__}"
         )
     if _hub.is_hf_uri(source):
-        path, config, _ = _hub.fetch(str(source), download_timeout)
+        path, config = _hub.fetch(str(source), download_timeout)
         _verify_weights(path, config, f"Hub checkpoint {str(source)!r}")
         return path, config
     path = os.fspath(source)
