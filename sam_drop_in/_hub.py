@@ -7,6 +7,7 @@ to pick up a newer upload to a branch, pin the new revision or delete the cached
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -403,29 +404,15 @@ def _bounded(fn: Callable[[], _T], limit: float, uri: str) -> _T:
         # say) is a symptom: the deadline is the cause.
         if budget.stopped is None:
             budget.stopped = budget.timeout_reason()
-        raise CheckpointError(_stopped_message(uri, budget)) from (error if isinstance(error, Exception) else None)
+        raise CheckpointError(
+            f"fetching {uri!r} from the Hub at {_hf_constants().ENDPOINT} failed: {budget.stopped}. The limit for "
+            f"one checkpoint is {budget.limit:g} s; raise it with download_timeout= or the {DOWNLOAD_TIMEOUT_ENV} "
+            "environment variable (seconds) for a slow connection, try again later, or download the file yourself "
+            "and pass its local path as checkpoint="
+        ) from (error if isinstance(error, Exception) else None)
     if error is not None:
         raise error
     return outcome["value"]
-
-
-def _stopped_message(uri: str, budget: _Budget) -> str:
-    return (
-        f"fetching {uri!r} from the Hub at {_hf_constants().ENDPOINT} failed: {budget.stopped}. The limit for one checkpoint "
-        f"is {budget.limit:g} s; raise it with download_timeout= or the {DOWNLOAD_TIMEOUT_ENV} environment "
-        "variable (seconds) for a slow connection, try again later, or download the file yourself and pass "
-        "its local path as checkpoint="
-    )
-
-
-def _evict(snapshot_path: str) -> None:
-    """Remove a cached file (its snapshot link and blob) so no later load trusts it."""
-    blob = os.path.realpath(snapshot_path)
-    for p in (snapshot_path, blob):
-        try:
-            os.remove(p)
-        except OSError:
-            pass
 
 
 def download(repo_id: str, filename: str, revision: str | None) -> str:
@@ -461,7 +448,9 @@ def download(repo_id: str, filename: str, revision: str | None) -> str:
     if _SHA256.match(etag):
         actual = sha256_file(path)
         if actual != etag:
-            _evict(path)
+            for p in (path, os.path.realpath(path)):  # the snapshot link and its blob: no later load trusts them
+                with contextlib.suppress(OSError):
+                    os.remove(p)
             raise CheckpointError(
                 f"the download of {_where(repo_id, filename, revision)} is corrupt (sha256 {actual[:12]}..., "
                 f"expected {etag[:12]}...); it was removed from the cache; try again"

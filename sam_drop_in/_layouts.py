@@ -247,22 +247,6 @@ def transformers_to_segment_anything(state_dict: Mapping[str, torch.Tensor]) -> 
     return out
 
 
-def to_segment_anything(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str | None]:
-    """Convert any understood layout to segment_anything's key names.
-
-    Arguments:
-      state_dict (Mapping[str, torch.Tensor]): prefixes already stripped.
-
-    Returns:
-      (tuple[dict[str, torch.Tensor], str | None]): the converted state dict and the
-      layout it came in (None when not recognised; the dict is then returned as is).
-    """
-    layout = detect_layout(state_dict)
-    if layout == TRANSFORMERS:
-        return transformers_to_segment_anything(state_dict), layout
-    return dict(state_dict), layout
-
-
 def looks_like_bare_encoder(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """Recognise an image encoder saved on its own (no prompt encoder or mask decoder).
 

@@ -308,24 +308,25 @@ def _refuse_quantized(path: str) -> None:
 
 def _convert(sd: dict[str, torch.Tensor], origin: str) -> tuple[dict[str, torch.Tensor], str, str | None]:
     """Layout-convert and identify; raises CheckpointError for what cannot be a SAM checkpoint."""
+    layout = _layouts.detect_layout(sd)
     bare = _layouts.looks_like_bare_encoder(sd)
-    if bare is not None and _layouts.detect_layout(sd) is None:
+    if bare is not None and layout is None:
         raise CheckpointError(
             f"{origin} holds only an image encoder ({'TinyViT' if bare == 'tiny_vit' else 'ViT'}, keys like "
             f"{sorted(sd)[0]!r}), not a full SAM model: the prompt encoder and mask decoder are missing. "
             "Combine it with a full checkpoint's prompt_encoder.* and mask_decoder.* weights, prefixing the "
             "encoder's keys with 'image_encoder.'"
         )
-    try:
-        out, layout = _layouts.to_segment_anything(sd)
-    except ValueError as exc:
-        raise CheckpointError(f"{origin}: {exc}") from None
     if layout is None:
         sample = ", ".join(sorted(sd)[:5])
         raise CheckpointError(
             f"{origin} is not a Segment Anything checkpoint in any layout sam-drop-in knows "
             f"(segment_anything/MobileSAM/TinySAM or transformers SamModel); its first keys are: {sample}"
         )
+    try:
+        out = _layouts.transformers_to_segment_anything(sd) if layout == _layouts.TRANSFORMERS else dict(sd)
+    except ValueError as exc:
+        raise CheckpointError(f"{origin}: {exc}") from None
     info = _layouts.describe_encoder(out)
     return out, layout, info["model_type"]
 
