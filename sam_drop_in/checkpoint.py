@@ -9,6 +9,7 @@ runs (:class:`UnsafeCheckpointError` names what it asked for). Every failure rai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -139,13 +140,6 @@ def _verify_weights(path: str, config: Mapping[str, Any], origin: str) -> None:
         )
 
 
-def _is_safetensors(path: str) -> bool:
-    # A safetensors file is an 8-byte little-endian header length followed by a JSON object.
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
-
-
 def _torch_reason(exc: BaseException) -> str:
     """torch's own words for a load failure, without its advice to retry with the unsafe unpickler
     (the weights-only unpickler wraps its finding, the exception's context, in that advice)."""
@@ -254,10 +248,11 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     """
     path = os.fspath(path)
     try:
-        is_st = _is_safetensors(path)
+        with open(path, "rb") as f:
+            head = f.read(9)
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path!r}: {exc}") from exc
-    if is_st:
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then a JSON object
         from safetensors.torch import load_file
 
         _refuse_quantized(path)
@@ -599,16 +594,6 @@ def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, metadata: 
         f.write(text + b" " * (size - len(text)))
 
 
-def _clean_stale(folder: Path) -> None:
-    """Remove temporary files that a killed conversion into ``folder`` left behind."""
-    for name in _CONVERTED_FILES:
-        for stale in folder.glob(f".{name}.*.tmp"):  # atomic_write's temporary names
-            try:
-                stale.unlink()
-            except OSError:
-                pass
-
-
 def convert(
     src: Source,
     dst: str | os.PathLike,
@@ -680,7 +665,10 @@ def convert(
     )
 
     dst.mkdir(parents=True, exist_ok=True)
-    _clean_stale(dst)
+    for name in _CONVERTED_FILES:  # a killed conversion's temporary files (atomic_write's names)
+        for stale in dst.glob(f".{name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
     for name in ("config.json", "README.md"):  # see the docstring: config.json is the commit marker
         (dst / name).unlink(missing_ok=True)
     weights = dst / "model.safetensors"
