@@ -231,16 +231,10 @@ def check_point_prompts(
         )
     if labels.size and not np.issubdtype(labels.dtype, np.number):
         raise InputError(f"point_labels must be integers (1 foreground, 0 background), got dtype {labels.dtype}.")
-    check_label_values(labels)
-    return coords, labels.astype(np.int64)
-
-
-def check_label_values(labels) -> None:
-    """Refuse labels other than 1, 0, -1 (NaN, fractions, 2, 3, ...). ``labels``: numpy array."""
-    ok = np.isin(labels, POINT_LABELS)
+    ok = np.isin(labels, POINT_LABELS)  # refuses NaN, fractions, 2, 3, ...
     if not np.all(ok):
-        bad = np.unique(np.asarray(labels)[~ok]).tolist()
-        raise InputError(f"{LABELS_HELP}; got {bad}.")
+        raise InputError(f"{LABELS_HELP}; got {np.unique(labels[~ok]).tolist()}.")
+    return coords, labels.astype(np.int64)
 
 
 def to_float32(value: np.ndarray, name: str) -> np.ndarray:

@@ -45,10 +45,6 @@ def _json(obj: Any, status: int = 200) -> Response:
     return Response(body, status_code=status, media_type="application/json")
 
 
-def _error(status: int, message: str) -> Response:
-    return JSONResponse({"error": " ".join(str(message).split())}, status_code=status)
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
     # Content-Length is only a hint (chunked uploads have none): count while reading, and stop
     # at the limit instead of buffering whatever a client sends.
@@ -269,8 +265,10 @@ def create_app(
         return Response(status_code=204)
 
     def answer(status: Callable[[Any], int]) -> Callable[[Request, Any], Awaitable[Response]]:
+        # Every error is {"error": one line} with the status the exception calls for.
         async def handler(request: Request, exc: Any) -> Response:
-            return _error(status(exc), exc.detail if isinstance(exc, HTTPException) else str(exc))
+            message = exc.detail if isinstance(exc, HTTPException) else str(exc)
+            return JSONResponse({"error": " ".join(str(message).split())}, status_code=status(exc))
 
         return handler
 
