@@ -482,11 +482,8 @@ def _cached_repo_files(repo_id: str, revision: str | None) -> list[str]:
     """Files of a repo snapshot present in the local cache (for offline listing)."""
     folder = Path(_hf_constants().HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
     rev = revision or "main"
-    commit = rev
-    ref = folder / "refs" / rev
-    if ref.is_file():
-        commit = ref.read_text().strip()
-    snap = folder / "snapshots" / commit
+    ref = folder / "refs" / rev  # a branch or tag names its commit here; a commit is its own folder
+    snap = folder / "snapshots" / (ref.read_text().strip() if ref.is_file() else rev)
     if not snap.is_dir():
         return []
     return sorted(str(p.relative_to(snap)).replace(os.sep, "/") for p in snap.rglob("*") if p.is_file())

@@ -208,12 +208,8 @@ def export_decoder(
     _check_opset(opset)
     _require("onnx")
     with _export_ready(model) as model:
-        wrapper = SamOnnxModel(
-            model,
-            return_single_mask=return_single_mask,
-            use_stability_score=use_stability_score,
-            return_extra_metrics=return_extra_metrics,
-        ).eval()
+        wrapper = SamOnnxModel(model, return_single_mask=return_single_mask, use_stability_score=use_stability_score,
+                               return_extra_metrics=return_extra_metrics).eval()
         gelus = [m for m in wrapper.modules() if isinstance(m, nn.GELU)]
         saved = [m.approximate for m in gelus]
         if gelu_approximate:
@@ -310,14 +306,8 @@ def quantize(model_path: str, output_path: str) -> str:
         if p.key.startswith(METADATA_PREFIX)
     }
     with _atomic_output(output_path) as tmp, _quiet_export():
-        quantize_dynamic(
-            model_input=model_path,
-            model_output=tmp,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            per_channel=False,
-            reduce_range=False,
-            weight_type=QuantType.QUInt8,
-        )
+        quantize_dynamic(model_input=model_path, model_output=tmp, op_types_to_quantize=["MatMul", "Gemm"],
+                         per_channel=False, reduce_range=False, weight_type=QuantType.QUInt8)
         metadata["quantized"] = "int8-dynamic"
         _set_metadata(tmp, metadata)
     return os.fspath(output_path)

@@ -12,7 +12,7 @@ import torch
 from .._constants import registry_model_type
 from .._fileio import atomic_write, sha256_file
 from . import _models
-from .store import FORMAT, MANIFEST, META, SHARD_DIR, atomic_write_json, iter_batches, read_manifest, shard_name
+from .store import FORMAT, MANIFEST, META, SHARD_DIR, iter_batches, read_manifest, shard_name
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -88,7 +88,7 @@ def embed_folder(
                     "Use another --out folder, or the same settings to resume."
                 )
     else:
-        atomic_write_json(meta_path, meta)
+        atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True)))
 
     done = read_manifest(out_p)
     # Rewrite the manifest with only its complete, valid lines, so that lines appended below

@@ -20,8 +20,6 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
-from .._fileio import atomic_write
-
 FORMAT = "sam-drop-in-embeddings/1"
 META = "meta.json"
 MANIFEST = "manifest.jsonl"
@@ -30,10 +28,6 @@ SHARD_DIR = "shards"
 
 def shard_name(shard: int) -> str:
     return f"{SHARD_DIR}/embeddings-{shard:06d}.safetensors"
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True)))
 
 
 class EmbeddingStore:
