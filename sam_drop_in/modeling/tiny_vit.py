@@ -22,7 +22,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.utils import checkpoint as activation_checkpoint
 
-from . import common
+from . import _fast_tinyvit, common
 from .common import LayerNorm2d, activate_, attention, cache_pieces, eager_inference
 
 
@@ -116,6 +116,8 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, x):
+        if _fast_tinyvit.applies(x, self.training):
+            return _fast_tinyvit.patch_embed(self, x)
         conv1, act, conv2 = self.seq
         return conv2(activate_(act, conv1(x)))
 
@@ -138,6 +140,8 @@ class MBConv(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x):
+        if _fast_tinyvit.applies(x, self.training):
+            return _fast_tinyvit.mbconv(self, x)
         if not self.training and cache_pieces():
             rows = _strip_rows(x, self.hidden_chans)
             if x.shape[2] > rows and self.conv2.c.stride == (1, 1):
@@ -175,6 +179,8 @@ class PatchMerging(nn.Module):
         self.conv3 = Conv2d_BN(out_dim, out_dim, 1, 1, 0)
 
     def forward(self, x):
+        if _fast_tinyvit.applies(x, self.training):
+            return _fast_tinyvit.patch_merging(self, x)
         if x.ndim == 3:
             h, w = self.input_resolution
             x = x.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
@@ -310,6 +316,8 @@ class TinyViTBlock(nn.Module):
         b, L, c = x.shape
         if L != h * w:
             raise ValueError(f"TinyViTBlock expected {h}x{w}={h * w} tokens, got {L}")
+        if _fast_tinyvit.applies(x, self.training):
+            return _fast_tinyvit.tinyvit_block(self, x.contiguous())
         ws = self.window_size
         if h == ws and w == ws:
             attn_out = self.attn(x)

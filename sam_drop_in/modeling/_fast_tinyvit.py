@@ -1,0 +1,178 @@
+"""Fused inference path of the TinyViT encoder (``vit_t``) for reduced precision on CPU.
+
+The modules in ``tiny_vit.py`` call these functions instead of their own forward when
+:func:`applies` holds: eager inference (no gradient, eval mode, not tracing or compiling) on a
+CPU tensor in bfloat16. With bf16 matrix units (AMX, AVX-512 BF16) the matrix products are
+nearly free and the encoder's time goes to passes over memory; this path makes fewer of them.
+It computes the same mathematics as the reference forward, differently in these ways:
+
+- Convolutions and linear layers run through oneDNN's fused primitives (the ones Inductor uses
+  with freezing): the bias, the GELU that follows, and the residual add are applied to each
+  output tile while it is in registers, instead of by separate passes (``addmm`` also copies the
+  bias into its output before the product). The sum is rounded to bf16 once instead of once
+  per step.
+- Activations stay token-major / channels-last: a token tensor (B, H*W, C) viewed as
+  (B, H, W, C).permute(0, 3, 1, 2) *is* a channels-last NCHW tensor, so the depthwise local
+  convolution reads and writes tokens directly (oneDNN's NHWC depthwise kernels), with no
+  NCHW copy before it and no transpose copy after it.
+- The window-attention residual is added in window layout by the output projection's epilogue,
+  so windows are un-partitioned once (reference: un-partition, then add).
+- BatchNorm is folded into each convolution, and the attention-bias table is gathered once per
+  weights version and dtype and kept (:func:`attention_bias`).
+
+Proof of equality: every output element is the same function of the same inputs; only rounding
+differs (fp32 accumulation everywhere, bf16 rounding at fewer points than the reference). Tests
+(tests/test_fast_tinyvit.py) run this path in fp32 too, where oneDNN's fused ops run on every
+x86 CPU, against the reference path at K * eps (a reordering bound), and in bf16 require it to be
+no farther from the fp32 encoder than the reference bf16 path is.
+
+Where oneDNN cannot run bf16 (CPUs without AVX-512 BW/VL/DQ or AVX-NE-CONVERT, or a build
+without oneDNN) the same layout is kept and the fused steps are done by plain PyTorch ops
+(:func:`_onednn` is False); tests force that branch on every CPU.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# ENABLED = False runs the reference path everywhere (tests and benchmarks compare the two in
+# one process); USE_ONEDNN = False runs this path's plain-PyTorch branch on a CPU where oneDNN
+# could run (tests).
+ENABLED = True
+USE_ONEDNN = True
+
+
+def applies(x: torch.Tensor, training: bool) -> bool:
+    """Whether the TinyViT modules take this fused path for input ``x``: bf16 on CPU, eager
+    inference (see ``common.eager_inference``), module in eval mode."""
+    from .common import eager_inference
+
+    return (ENABLED and not training and x.dtype == torch.bfloat16 and x.device.type == "cpu" and eager_inference())
+
+
+def _onednn(x: torch.Tensor) -> bool:
+    if not (USE_ONEDNN and torch.backends.mkldnn.is_available()):
+        return False
+    if x.dtype == torch.bfloat16:
+        # oneDNN's bf16 primitives refuse CPUs without AVX-512 BW/VL/DQ or AVX-NE-CONVERT.
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return x.dtype == torch.float32
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gelu: bool = False,
+           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ weight.T + bias``, then GELU (``gelu``) or ``+ residual`` (same shape as the output),
+    in one pass over the output. x: ... x in_features, contiguous."""
+    flat = x.reshape(-1, x.shape[-1])
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    if _onednn(x):
+        if residual is not None:
+            y = torch.ops.mkldnn._linear_pointwise.binary(flat, residual.reshape(flat.shape[0], -1), weight, bias, "add")
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+        return y.view(out_shape)
+    y = F.linear(flat, weight, bias)
+    if gelu:
+        y = torch.ops.aten.gelu_(y)
+    if residual is not None:
+        y = y.add_(residual.reshape(y.shape))
+    return y.view(out_shape)
+
+
+def conv(x: torch.Tensor, module, gelu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``Conv2d_BN`` ``module`` at inference (BatchNorm folded) on channels-last ``x``, then
+    ``+ residual`` and/or GELU (in that order), in one pass over the output; channels-last out."""
+    c = module.c
+    weight, bias = module.folded()
+    x = x.contiguous(memory_format=torch.channels_last)
+    if _onednn(x):
+        args = (list(c.padding), list(c.stride), list(c.dilation), c.groups)
+        if residual is not None:
+            residual = residual.contiguous(memory_format=torch.channels_last)
+            # oneDNN fuses only ReLU after a binary post-op: the GELU is a separate in-place pass.
+            y = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, bias, *args, "add", None,
+                                                               None, [], None)
+            return torch.ops.aten.gelu_(y) if gelu else y
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "gelu" if gelu else "none", [],
+                                                       "none" if gelu else "")
+    y = F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+    if residual is not None:
+        y = y.add_(residual)
+    return torch.ops.aten.gelu_(y) if gelu else y
+
+
+def attention_bias(attn) -> torch.Tensor:
+    """The per-head (heads x N x N) bias table of ``tiny_vit.Attention`` ``attn``, gathered from
+    ``attention_biases`` once and kept until those weights change (their version counter, storage
+    or dtype), so it is never stale after ``load_state_dict`` or ``.to()``."""
+    p = attn.attention_biases
+    key = (p._version, p.data_ptr(), p.dtype, p.device)
+    cached = attn.__dict__.get("_fast_bias")
+    if cached is None or cached[0] != key:
+        cached = (key, p.detach()[:, attn.attention_bias_idxs].unsqueeze(0))
+        attn.__dict__["_fast_bias"] = cached  # not a buffer: stays out of state_dict and .to()
+    return cached[1]
+
+
+def mbconv(block, x: torch.Tensor) -> torch.Tensor:
+    """``tiny_vit.MBConv`` at inference: three fused convolutions, the last with the residual."""
+    h = conv(x, block.conv1, gelu=True)
+    h = conv(h, block.conv2, gelu=True)
+    return conv(h, block.conv3, gelu=True, residual=x)
+
+
+def patch_embed(embed, x: torch.Tensor) -> torch.Tensor:
+    conv1, _, conv2 = embed.seq
+    return conv(conv(x, conv1, gelu=True), conv2)
+
+
+def patch_merging(merge, x: torch.Tensor) -> torch.Tensor:
+    """``tiny_vit.PatchMerging`` at inference: tokens (or channels-last NCHW) in, tokens out."""
+    if x.ndim == 3:
+        h, w = merge.input_resolution
+        x = x.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)  # channels-last view of the tokens
+    x = conv(x, merge.conv1, gelu=True)
+    x = conv(x, merge.conv2, gelu=True)
+    x = conv(x, merge.conv3)
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])  # a view: x is channels-last
+
+
+def tinyvit_block(block, x: torch.Tensor) -> torch.Tensor:
+    """``tiny_vit.TinyViTBlock`` at inference on tokens x (B, H*W, C), contiguous."""
+    h, w = block.input_resolution
+    b, L, c = x.shape
+    ws = block.window_size
+    attn = block.attn
+    if h == ws and w == ws:
+        x = _window_attention(attn, x, residual=True)
+    else:
+        grid = x.view(b, h, w, c)
+        pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
+        if pad_b or pad_r:
+            grid = F.pad(grid, (0, 0, 0, pad_r, 0, pad_b))
+        ph, pw = h + pad_b, w + pad_r
+        nh, nw = ph // ws, pw // ws
+        windows = grid.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
+        windows = _window_attention(attn, windows, residual=True)
+        grid = windows.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
+        x = grid[:, :h, :w].reshape(b, L, c) if (pad_b or pad_r) else grid.view(b, L, c)
+    # The local convolution on a channels-last view of the tokens; its output is tokens again.
+    y = conv(x.view(b, h, w, c).permute(0, 3, 1, 2), block.local_conv)
+    x = y.permute(0, 2, 3, 1).reshape(b, L, c)
+    mlp = block.mlp
+    hidden = F.layer_norm(x, mlp.norm.normalized_shape, mlp.norm.weight, mlp.norm.bias, mlp.norm.eps)
+    hidden = linear(hidden, mlp.fc1.weight, mlp.fc1.bias, gelu=True)
+    return linear(hidden, mlp.fc2.weight, mlp.fc2.bias, residual=x)
+
+
+def _window_attention(attn, x: torch.Tensor, residual: bool) -> torch.Tensor:
+    """``attn(x)`` (+ x when ``residual``) for windows x (B', N, C)."""
+    b, n, _ = x.shape
+    y = F.layer_norm(x, attn.norm.normalized_shape, attn.norm.weight, attn.norm.bias, attn.norm.eps)
+    q, k, v = linear(y, attn.qkv.weight, attn.qkv.bias).view(b, n, attn.num_heads, -1).split(
+        [attn.key_dim, attn.key_dim, attn.d], dim=3)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=attention_bias(attn).to(q.dtype), scale=attn.scale)
+    out = out.transpose(1, 2).reshape(b, n, attn.dh)
+    return linear(out, attn.proj.weight, attn.proj.bias, residual=x if residual else None)
