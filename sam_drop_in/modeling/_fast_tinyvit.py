@@ -31,10 +31,11 @@ without oneDNN) the same layout is kept and the fused steps are done by plain Py
 (:func:`_onednn` is False); tests force that branch on every CPU.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # ENABLED = False runs the reference path everywhere (tests and benchmarks compare the two in
 # one process); USE_ONEDNN = False runs this path's plain-PyTorch branch on a CPU where oneDNN
@@ -43,12 +44,15 @@ ENABLED = True
 USE_ONEDNN = True
 
 
-def applies(x: torch.Tensor, training: bool) -> bool:
-    """Whether the TinyViT modules take this fused path for input ``x``: bf16 on CPU, eager
-    inference (see ``common.eager_inference``), module in eval mode."""
+def applies(x: torch.Tensor, training: bool, *activations: nn.Module) -> bool:
+    """Whether a TinyViT module takes this fused path for input ``x``: bf16 on CPU, eager
+    inference (see ``common.eager_inference``), module in eval mode, and its ``activations``
+    exact GELUs (the fused kernels apply erf-GELU; a module built with another activation keeps
+    its own forward)."""
     from .common import eager_inference
 
-    return (ENABLED and not training and x.dtype == torch.bfloat16 and x.device.type == "cpu" and eager_inference())
+    return (ENABLED and not training and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and all(type(a) is nn.GELU and a.approximate == "none" for a in activations) and eager_inference())
 
 
 def _onednn(x: torch.Tensor) -> bool:
@@ -80,11 +84,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     return y.view(out_shape)
 
 
+def folded(module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``module.folded()`` of a ``Conv2d_BN``, computed once and kept until one of its
+    parameters or statistics changes (version counter, storage or dtype): folding costs a
+    handful of small kernels per convolution per call otherwise."""
+    tensors = (module.c.weight, module.bn.weight, module.bn.bias, module.bn.running_mean, module.bn.running_var)
+    key = tuple((t._version, t.data_ptr(), t.dtype) for t in tensors)
+    cached = module.__dict__.get("_fast_folded")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, module.folded())
+        module.__dict__["_fast_folded"] = cached  # not a buffer: stays out of state_dict and .to()
+    return cached[1]
+
+
 def conv(x: torch.Tensor, module, gelu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``Conv2d_BN`` ``module`` at inference (BatchNorm folded) on channels-last ``x``, then
     ``+ residual`` and/or GELU (in that order), in one pass over the output; channels-last out."""
     c = module.c
-    weight, bias = module.folded()
+    weight, bias = folded(module)
     x = x.contiguous(memory_format=torch.channels_last)
     if _onednn(x):
         args = (list(c.padding), list(c.stride), list(c.dilation), c.groups)

@@ -116,7 +116,7 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, x):
-        if _fast_tinyvit.applies(x, self.training):
+        if _fast_tinyvit.applies(x, self.training, self.seq[1]):
             return _fast_tinyvit.patch_embed(self, x)
         conv1, act, conv2 = self.seq
         return conv2(activate_(act, conv1(x)))
@@ -140,7 +140,7 @@ class MBConv(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x):
-        if _fast_tinyvit.applies(x, self.training):
+        if _fast_tinyvit.applies(x, self.training, self.act1, self.act2, self.act3):
             return _fast_tinyvit.mbconv(self, x)
         if not self.training and cache_pieces():
             rows = _strip_rows(x, self.hidden_chans)
@@ -179,7 +179,7 @@ class PatchMerging(nn.Module):
         self.conv3 = Conv2d_BN(out_dim, out_dim, 1, 1, 0)
 
     def forward(self, x):
-        if _fast_tinyvit.applies(x, self.training):
+        if _fast_tinyvit.applies(x, self.training, self.act):
             return _fast_tinyvit.patch_merging(self, x)
         if x.ndim == 3:
             h, w = self.input_resolution
@@ -316,7 +316,7 @@ class TinyViTBlock(nn.Module):
         b, L, c = x.shape
         if L != h * w:
             raise ValueError(f"TinyViTBlock expected {h}x{w}={h * w} tokens, got {L}")
-        if _fast_tinyvit.applies(x, self.training):
+        if _fast_tinyvit.applies(x, self.training, self.mlp.act):
             return _fast_tinyvit.tinyvit_block(self, x.contiguous())
         ws = self.window_size
         if h == ws and w == ws:
