@@ -73,6 +73,11 @@ def test_fp32_functions_equal_reference(onednn, window):
         if layer.downsample is not None:
             _close_fp32(_fast_tinyvit.patch_merging(layer.downsample, tokens), layer.downsample(tokens), k)
             tokens = layer.downsample(tokens)
+    grid = tokens.view(2, 4, 4, -1).permute(0, 3, 1, 2)  # the last stage's 4x4 tokens, channels-last
+    assert _fast_tinyvit.is_sam_neck(enc.neck)
+    got, want = _fast_tinyvit.neck(enc.neck, grid), enc.neck(grid)
+    assert got.is_contiguous()
+    _close_fp32(got, want, k)
 
 
 @torch.no_grad()

@@ -194,3 +194,27 @@ def _window_attention(attn, x: torch.Tensor, residual: bool) -> torch.Tensor:
                                          attn_mask=attention_bias(attn).to(q.dtype), scale=attn.scale)
     out = out.transpose(1, 2).reshape(b, n, attn.dh)
     return linear(out, attn.proj.weight, attn.proj.bias, residual=x if residual else None)
+
+
+def is_sam_neck(neck_seq) -> bool:
+    """Whether ``neck_seq`` is the neck TinyViT builds (a model may replace it)."""
+    from .common import LayerNorm2d
+
+    kinds = [type(m) for m in neck_seq] if isinstance(neck_seq, nn.Sequential) else []
+    return kinds == [nn.Conv2d, LayerNorm2d, nn.Conv2d, LayerNorm2d] and neck_seq[0].bias is None \
+        and neck_seq[2].bias is None
+
+
+def neck(neck_seq, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's neck (1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d) on channels-last x:
+    the channel LayerNorms as one ``layer_norm`` over the last axis of the (B, H, W, C) view
+    (the reference computes mean, variance and the affine map in separate passes). Returns a
+    contiguous NCHW tensor, as the reference does."""
+    conv1, norm1, conv2, norm2 = neck_seq
+
+    def norm(y, ln):
+        z = F.layer_norm(y.permute(0, 2, 3, 1), (y.shape[1],), ln.weight, ln.bias, ln.eps)
+        return z.permute(0, 3, 1, 2)
+
+    y = norm(conv1(x.contiguous(memory_format=torch.channels_last)), norm1)
+    return norm(conv2(y).contiguous(memory_format=torch.channels_last), norm2).contiguous()

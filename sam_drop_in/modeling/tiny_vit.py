@@ -10,7 +10,10 @@ Differences from the reference that do not change results:
   second ``eval()`` after loading; this module is right without it);
 - attention runs through ``scaled_dot_product_attention``;
 - at inference, BatchNorm is folded into its convolution, and the stage-0 blocks, the first
-  merge and the token MLPs work in cache-sized pieces with GELU in place (see _STRIP_BYTES).
+  merge and the token MLPs work in cache-sized pieces with GELU in place (see _STRIP_BYTES);
+- at bf16 inference on CPU the blocks hand over to ``_fast_tinyvit`` (oneDNN kernels with the
+  bias, GELU and residual fused, activations kept channels-last): same mathematics, rounded to
+  bf16 fewer times; that module's docstring says what differs and how it is tested.
 """
 
 import itertools
@@ -494,6 +497,8 @@ class TinyViT(nn.Module):
             x = layer(x)
         h, w = self.out_resolution
         x = x.view(x.shape[0], h, w, x.shape[-1]).permute(0, 3, 1, 2)
+        if _fast_tinyvit.applies(x, self.training) and _fast_tinyvit.is_sam_neck(self.neck):
+            return _fast_tinyvit.neck(self.neck, x)
         return self.neck(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
