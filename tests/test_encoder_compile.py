@@ -20,6 +20,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch._inductor.utils import run_and_get_code
 
 from sam_drop_in.modeling.tiny_vit import TinyViT
 from sam_drop_in.precision import optimize
@@ -90,9 +91,12 @@ def test_compiled_encoder_equals_eager(mode, tmp_path, monkeypatch):
     with torch.no_grad():
         want32 = ref32(x)
         want = eager.image_encoder(x)
-        got = compiled.image_encoder(x)
+        got, code = run_and_get_code(compiled.image_encoder, x)
         again = compiled.image_encoder(x)  # the compiled code, second call
     assert got.dtype == torch.float32 and got.shape == want.shape == (1, 256, 4, 4)
+    # Freezing took effect: the weights are constants of the generated code (with the
+    # per-compile option alone they stayed graph inputs and nothing was frozen).
+    assert "_frozen_param" in "\n".join(code)
     torch.testing.assert_close(again, got, rtol=0, atol=0)
     if mode == "fp32":
         k = 4 * 64  # longest reduction: the last MLP's hidden width
