@@ -130,3 +130,7 @@ def test_cached_weights_follow_load_state_dict():
     enc(x)  # fills the caches with seed-0 weights
     enc.load_state_dict(other.state_dict())
     torch.testing.assert_close(enc(x), other(x), rtol=0, atol=0)
+    # New tensor objects (assign=True) at version 0: seen as well.
+    third = _model(seed=2).to(torch.bfloat16)
+    enc.load_state_dict({k: v.clone() for k, v in third.state_dict().items()}, assign=True)
+    torch.testing.assert_close(enc(x), third(x), rtol=0, atol=0)

@@ -86,16 +86,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
 
 def folded(module) -> Tuple[torch.Tensor, torch.Tensor]:
     """``module.folded()`` of a ``Conv2d_BN``, computed once and kept until one of its
-    parameters or statistics changes (version counter, storage or dtype): folding costs a
+    parameters or statistics changes (see _cached): folding costs a
     handful of small kernels per convolution per call otherwise."""
     tensors = (module.c.weight, module.bn.weight, module.bn.bias, module.bn.running_mean, module.bn.running_var)
-    key = tuple((t._version, t.data_ptr(), t.dtype) for t in tensors)
-    cached = module.__dict__.get("_fast_folded")
-    if cached is None or cached[0] != key:
+    return _cached(module, "_fast_folded", tensors, module.folded)
+
+
+def _cached(module: nn.Module, name: str, sources: Tuple[torch.Tensor, ...], compute):
+    """``compute()``, kept in ``module.__dict__[name]`` (not a buffer: out of state_dict and
+    ``.to()``) while ``sources`` are the same tensor objects at the same version counters: a
+    ``load_state_dict`` (in-place copy), ``.to()`` / ``assign=True`` (new tensors) or any in-place
+    change makes the next call compute it again."""
+    versions = tuple(t._version for t in sources)
+    cached = module.__dict__.get(name)
+    if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], sources)):
         with torch.no_grad():
-            cached = (key, module.folded())
-        module.__dict__["_fast_folded"] = cached  # not a buffer: stays out of state_dict and .to()
-    return cached[1]
+            cached = (sources, versions, compute())
+        module.__dict__[name] = cached
+    return cached[2]
 
 
 def conv(x: torch.Tensor, module, gelu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -122,15 +130,9 @@ def conv(x: torch.Tensor, module, gelu: bool = False, residual: Optional[torch.T
 
 def attention_bias(attn) -> torch.Tensor:
     """The per-head (heads x N x N) bias table of ``tiny_vit.Attention`` ``attn``, gathered from
-    ``attention_biases`` once and kept until those weights change (their version counter, storage
-    or dtype), so it is never stale after ``load_state_dict`` or ``.to()``."""
-    p = attn.attention_biases
-    key = (p._version, p.data_ptr(), p.dtype, p.device)
-    cached = attn.__dict__.get("_fast_bias")
-    if cached is None or cached[0] != key:
-        cached = (key, p.detach()[:, attn.attention_bias_idxs].unsqueeze(0))
-        attn.__dict__["_fast_bias"] = cached  # not a buffer: stays out of state_dict and .to()
-    return cached[1]
+    ``attention_biases`` once and kept until those weights change (see _cached)."""
+    p, idxs = attn.attention_biases, attn.attention_bias_idxs
+    return _cached(attn, "_fast_bias", (p, idxs), lambda: p[:, idxs].unsqueeze(0))
 
 
 def mbconv(block, x: torch.Tensor) -> torch.Tensor:
