@@ -6,6 +6,7 @@
     python benchmarks/bench_speed.py --models vit_t --modes fp32,int8 --json out.json
     python benchmarks/bench_speed.py --quick --threads 2 --busy-core   # quiet and one core busy
     python benchmarks/bench_speed.py --quick --compile                 # adds torch.compile variants
+    python benchmarks/bench_speed.py --quick --modes fp32,bf16 --ab-fused   # bf16 encoder fused vs reference
 
 Same random (perturbed) weights and the same photograph for every implementation. In each
 repetition every variant (reference, ours in each mode) runs once, one after another, so load
@@ -21,6 +22,8 @@ use the bf16 matmul rate measured in the same run.
 --busy-core times everything twice, quiet and then with a busy-loop process pinned to the last
 core this process may use (started and stopped by the benchmark, and ending by itself after
 --busy-seconds whatever happens): what a laptop or shared server does to a 2-thread run.
+--ab-fused times the bf16 encoder with its fused CPU path (modeling/_fast_tinyvit.py) and with
+the reference forward, alternating, and reports the ratio.
 --compile adds "<mode>+compile" variants (torch.compile of the encoder and decoder through
 precision.optimize) and reports each one's first-call (compile) time.
 """
@@ -226,8 +229,30 @@ def bench_model(model_type: str, modes: List[str], args) -> Dict:
                     "target_x_floor": (TARGET_X_BF16_FLOOR.get(model_type, {}).get(wl)
                                        if rate_key == "bf16" and load == "quiet" else None),
                 })
+    fused_ab = {}
+    if args.ab_fused and "bf16" in variants and device == "cpu":
+        fused_ab = ab_fused_encoder(variants["bf16"].model.image_encoder, enc_input["bf16"], reps)
     return {"rows": rows, "rates_gflops": {k: v / 1e9 for k, v in rates.items()}, "quality_mean_iou": quality,
-            "batched_encoding": batch, "peak_memory": memory, "compile_first_call_s": compile_s}
+            "batched_encoding": batch, "peak_memory": memory, "compile_first_call_s": compile_s,
+            "bf16_fused_ab": fused_ab}
+
+
+def ab_fused_encoder(encoder, x, reps: int) -> Dict:
+    """The bf16 encoder with its fused CPU path (modeling/_fast_tinyvit.py) and with the reference
+    forward, alternating call by call in this process: medians and their ratio."""
+    from sam_drop_in.modeling import _fast_tinyvit
+
+    times = {"fused": [], "reference": []}
+    try:
+        for _ in range(max(reps, 3)):
+            for name, on in (("reference", False), ("fused", True)):
+                _fast_tinyvit.ENABLED = on
+                times[name].append(timed(lambda: encoder(x), "cpu"))
+    finally:
+        _fast_tinyvit.ENABLED = True
+    med = {k: median(v) for k, v in times.items()}
+    return {"fused_s": med["fused"], "reference_s": med["reference"], "x_faster": med["reference"] / med["fused"],
+            "runs": len(times["fused"])}
 
 
 def print_report(res: Dict) -> None:
@@ -241,6 +266,10 @@ def print_report(res: Dict) -> None:
                    else f"<={row['target_x_floor']}x fl" if row["target_x_floor"] else "")
             print(f"{row['load']:<6}{row['workload']:<14}{row['variant']:<14}{row['median_s']:>10.4f}{row['gflop']:>8.2f}"
                   f"{row['floor_s']:>9.4f}{row['x_floor']:>9.2f}{row['x_faster_than_ref']:>10.2f}{tgt:>12}")
+        if r.get("bf16_fused_ab"):
+            a = r["bf16_fused_ab"]
+            print(f"bf16 encoder, fused path vs reference forward (alternating, {a['runs']} each): "
+                  f"{a['fused_s']:.4f} s vs {a['reference_s']:.4f} s, {a['x_faster']:.2f}x")
         for name, sec in r["compile_first_call_s"].items():
             print(f"{name}: first set_image (compiles) {sec:.1f} s")
         if r["quality_mean_iou"]:
@@ -266,6 +295,8 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=0, help="encoder repetitions (default 3 quick, 7 full)")
     parser.add_argument("--compile", action="store_true",
                         help="also time each float mode with torch.compile (encoder and decoder)")
+    parser.add_argument("--ab-fused", action="store_true",
+                        help="also time the bf16 encoder's fused CPU path against its reference forward")
     parser.add_argument("--busy-core", action="store_true",
                         help="time quiet and then with a pinned busy loop on the last core")
     parser.add_argument("--busy-seconds", type=float, default=1800.0,
