@@ -4,13 +4,16 @@
     python benchmarks/bench_quant.py                      # vit_t, full size (1024), w8a8 and w6a6
     python benchmarks/bench_quant.py --image-size 256 --recipes w8a8
     python benchmarks/bench_quant.py --model-type vit_b --calib-images 2 --max-search-rows 1024 --time-repeats 1
-    python benchmarks/bench_quant.py --real --threads 2   # real int8 (ONNX Runtime) only
+    python benchmarks/bench_quant.py --real --threads 2   # real int8 (torchao, ONNX Runtime) and bf16
+    python benchmarks/bench_quant.py --real --threads 2 --runtimes torchao,bf16 --methods ""
 
 --real times, alternating in one process (so a shared machine's load hits all alike), our
-PyTorch fp32 encoder (after precision.optimize(sam, "fp32"), eager), the same encoder exported to
-ONNX and run by ONNX Runtime in fp32, and its int8 versions (static QDQ for each --methods
-calibration method, and dynamic); and reports each one's embedding cosine and mean mask IoU
-against our fp32 on the evaluation photographs, and the files' sizes.
+PyTorch fp32 encoder (after precision.optimize(sam, "fp32"), eager) against (--runtimes) our
+bf16 eager encoder, the torchao PT2E int8 encoder (x86 Inductor quantiser, compiled with
+freezing; its build time includes the compile), and the encoder exported to ONNX and run by ONNX
+Runtime in fp32 and int8 (static QDQ for each --methods calibration method, and dynamic); and
+reports each one's embedding cosine and mean mask IoU against our fp32 on the evaluation
+photographs, and the files' sizes (torchao: the quantised graph's state dict as safetensors).
 
 Weights: the architecture of --model-type (vit_t: MobileSAM's) with perturbed random weights
 (compat_tests' perturbed_state_dict, seed 0), as in bench_speed.py; with random weights many logits sit near the threshold, so the
@@ -92,7 +95,11 @@ def main(argv=None) -> int:
                     help="also AMG records matched on the first evaluation photograph (8x8 points, no filtering)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--real", action="store_true", help="only the real int8 encoder (ONNX Runtime)")
-    ap.add_argument("--methods", default="minmax,percentile", help="--real: static calibration methods")
+    ap.add_argument("--methods", default="minmax,percentile",
+                    help="--real: ONNX Runtime static calibration methods (empty: none)")
+    ap.add_argument("--runtimes", default="torchao,onnxruntime,bf16",
+                    help="--real: which to time against our fp32 eager encoder: torchao (PT2E int8, "
+                         "Inductor), onnxruntime (fp32, each --methods, dynamic), bf16 (our bf16 eager)")
     ap.add_argument("--threads", type=int, default=0, help="--real: intra-op threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=3, help="--real: timed repetitions of each encoder")
     args = ap.parse_args(argv)
@@ -159,13 +166,18 @@ def _agreement(sam, encoder, evals, ref_masks, ref_emb):
     """(embedding cosines per image, mean mask IoU per image) of ``sam`` with ``encoder``."""
     from sam_drop_in import SamPredictor
 
-    qsam = copy.deepcopy(sam)
-    qsam.image_encoder = encoder
-    pred = SamPredictor(qsam)
-    ious, coss = [], []
-    for im, rm, re in zip(evals, ref_masks, ref_emb):
-        ious.append(mean_iou(predict_quality_masks(pred, im), rm))
-        coss.append(float(torch.nn.functional.cosine_similarity(pred.get_image_embedding().flatten(), re.flatten(), 0)))
+    # The encoder swapped in and back rather than a deep copy of the model: a copy of the
+    # torchao encoder would compile again.
+    float_encoder = sam.image_encoder
+    sam.image_encoder = encoder
+    try:
+        pred = SamPredictor(sam)
+        ious, coss = [], []
+        for im, rm, re in zip(evals, ref_masks, ref_emb):
+            ious.append(mean_iou(predict_quality_masks(pred, im), rm))
+            coss.append(float(torch.nn.functional.cosine_similarity(pred.get_image_embedding().flatten(), re.flatten(), 0)))
+    finally:
+        sam.image_encoder = float_encoder
     return coss, ious
 
 
@@ -194,14 +206,34 @@ def real_int8(args) -> int:
     head = sum(v.numel() * 4 for k, v in sam.image_encoder.state_dict().items() if k.startswith(("head.", "norm_head.")))
     sizes["torch_fp32_safetensors_without_head"] = sizes["torch_fp32_safetensors"] - head
 
+    runtimes = set(args.runtimes.split(","))
     encoders, build_s = {"torch_fp32": sam.image_encoder}, {}
-    path = os.path.join(tmp, "ort_fp32.onnx")
-    t0 = time.perf_counter()
-    onnx_export.export_encoder(sam, path, include_preprocessing=False)
-    build_s["ort_fp32"] = time.perf_counter() - t0
-    encoders["ort_fp32"] = OnnxImageEncoder.from_file(path)
-    sizes["ort_fp32"] = os.path.getsize(path)
-    for method in [m for m in args.methods.split(",") if m] + ["dynamic"]:
+    if "bf16" in runtimes:
+        from sam_drop_in.precision import _reduce_precision
+
+        bf = copy.deepcopy(sam)
+        _reduce_precision(bf, torch.bfloat16)  # optimize's bf16 mode (sam is already marked fp32)
+        encoders["torch_bf16"] = bf.image_encoder
+    if "torchao" in runtimes:
+        from sam_drop_in.quantization.pt2e_int8 import pt2e_int8_encoder
+
+        t0 = time.perf_counter()
+        encoders["torchao_int8"] = pt2e_int8_encoder(sam, calib)  # quantise, calibrate, compile
+        build_s["torchao_int8"] = time.perf_counter() - t0
+        qpath = os.path.join(tmp, "torchao_int8.safetensors")
+        # The quantised graph's state (int8 weights, scales) as one file: its size, not a format we ship.
+        save_file({k: v.contiguous() for k, v in encoders["torchao_int8"].graph.state_dict().items()}, qpath)
+        sizes["torchao_int8"] = os.path.getsize(qpath)
+        print(f"built torchao_int8 in {build_s['torchao_int8']:.1f} s (export, calibrate, convert, compile)", flush=True)
+    ort_methods = [m for m in args.methods.split(",") if m] + ["dynamic"] if "onnxruntime" in runtimes else []
+    if "onnxruntime" in runtimes:
+        path = os.path.join(tmp, "ort_fp32.onnx")
+        t0 = time.perf_counter()
+        onnx_export.export_encoder(sam, path, include_preprocessing=False)
+        build_s["ort_fp32"] = time.perf_counter() - t0
+        encoders["ort_fp32"] = OnnxImageEncoder.from_file(path)
+        sizes["ort_fp32"] = os.path.getsize(path)
+    for method in ort_methods:
         name = f"ort_int8_{method}"
         path = os.path.join(tmp, name + ".onnx")
         t0 = time.perf_counter()
@@ -236,16 +268,20 @@ def real_int8(args) -> int:
             "time_min_s": round(min(times[k]), 3),
             "time_median_s": round(statistics.median(times[k]), 3),
             "speedup_vs_torch_fp32": round(base / min(times[k]), 2),
-            "speedup_vs_ort_fp32": round(min(times["ort_fp32"]) / min(times[k]), 2),
         }
+        if "ort_fp32" in times:
+            r["speedup_vs_ort_fp32"] = round(min(times["ort_fp32"]) / min(times[k]), 2)
+        if "torch_bf16" in times:
+            r["speedup_vs_torch_bf16"] = round(min(times["torch_bf16"]) / min(times[k]), 2)
         if k != "torch_fp32":
             coss, ious = _agreement(sam, enc, evals, ref_masks, ref_emb)
             r.update({
                 "embedding_cosine": [round(c, 5) for c in coss],
                 "mean_mask_iou": round(sum(ious) / len(ious), 4),
                 "mask_iou_per_image": [round(i, 4) for i in ious],
-                "size_vs_fp32_safetensors": round(sizes[k] / sizes["torch_fp32_safetensors"], 3),
             })
+            if k in sizes:
+                r["size_vs_fp32_safetensors"] = round(sizes[k] / sizes["torch_fp32_safetensors"], 3)
         results["encoders"][k] = r
         print(k, json.dumps(r), flush=True)
     print("sizes", json.dumps(sizes), "load average", os.getloadavg(), flush=True)

@@ -4,7 +4,7 @@
     from sam_drop_in.precision import optimize
 
     sam = optimize(sam_model_registry["vit_t"](checkpoint="mobile_sam.pt"), mode="int8",
-                   calibration="calib_images/")   # optional: static int8 (else dynamic)
+                   calibration="calib_images/")   # int8 via torchao when images given (else ONNX Runtime)
     predictor = SamPredictor(sam)   # same API, same output dtypes as in fp32
 
 Modes:
@@ -12,10 +12,20 @@ Modes:
   - ``"bf16"``: the image encoder and mask decoder run in bfloat16 (CUDA, or a CPU with
     AVX-512 BF16 / AMX; on other CPUs bf16 is emulated and slower than fp32, and a warning says so).
   - ``"fp16"``: float16 on CUDA only.
-  - ``"int8"``: real int8 execution of the image encoder in ONNX Runtime, CPU only (needs the
-    ``onnx`` extra). With ``calibration=`` images: static quantisation (activation ranges from
-    the images); without: dynamic quantisation (activation ranges computed per call). The
-    encoder's linears run in int8, the rest in float (``quantization/onnx_int8.py`` says why).
+  - ``"int8"``: real int8 execution of the image encoder, CPU only, by one of two runtimes
+    (``int8_runtime=``):
+
+    - ``"torchao"``: torchao's PT2E static quantisation with the x86 Inductor quantiser,
+      compiled by Inductor to oneDNN int8 convolutions and linears (``quantization/pt2e_int8.py``;
+      needs the ``quant`` extra, a C++ compiler and ``calibration=`` images). The compile runs
+      inside ``optimize`` (tens of seconds to minutes).
+    - ``"onnxruntime"``: the encoder exported to ONNX and quantised by ONNX Runtime
+      (``quantization/onnx_int8.py``; needs the ``onnx`` extra): static QDQ with ``calibration=``
+      images, dynamic without; its linears run in int8, the convolutions in float.
+    - ``"auto"`` (default): ``"torchao"`` when calibration images are given and torchao imports,
+      else ``"onnxruntime"``. Why: measured on an AMX CPU (docs/quantization.md) the PT2E route
+      is the faster one, and the ONNX Runtime route is the one that works without images.
+
     The mask decoder stays float32: it is small (4M parameters, a few ms per prompt) and its
     outputs are the masks themselves.
   - ``"w8a8"`` / ``"w6a6"``: the calibrated *simulated* ("fake-quant") encoder of
@@ -47,6 +57,7 @@ MODES = ("fp32", "bf16", "fp16", "int8", "w8a8", "w6a6")
 _SIMULATED = ("w8a8", "w6a6")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _ATTR = "_sam_drop_in_precision"
+_INT8_RUNTIMES = ("auto", "torchao", "onnxruntime")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -67,6 +78,7 @@ def optimize(
     compile: bool = False,
     *,
     calibration: Optional[Union[str, Path, Sequence[np.ndarray]]] = None,
+    int8_runtime: str = "auto",
 ) -> nn.Module:
     """Prepares a built SAM model for fast inference in the chosen precision, in place.
 
@@ -81,11 +93,14 @@ def optimize(
       mode (str): "fp32", "bf16", "fp16" (CUDA only), "int8" (CPU only), "w8a8" or "w6a6".
       compile (bool): also ``torch.compile`` the image encoder and mask decoder in place (state
         dict keys unchanged). The first call then takes a while to compile; on CPU it needs a
-        C++ compiler. An int8 encoder runs in ONNX Runtime and is left out of compilation.
+        C++ compiler. An int8 encoder is compiled already (torchao) or runs in ONNX Runtime, and
+        is left out of compilation.
       calibration (str, Path, list of np.ndarray or None): keyword only; a folder of images or
         HxWx3 uint8 RGB arrays (a handful of photographs like the ones you will segment). int8:
         static quantisation calibrated on them (without: dynamic quantisation). w8a8/w6a6:
         required. Refused (ValueError) with the float modes, which would not use it.
+      int8_runtime (str): keyword only, mode "int8" only: "auto" (default), "torchao" or
+        "onnxruntime" (see Modes above).
 
     Returns:
       (Sam): the same model object, in eval mode, with float32 inputs and outputs at the module
@@ -93,11 +108,23 @@ def optimize(
 
     Raises ValueError (with what to do instead) for an unknown mode, fp16 off CUDA, int8 or
     w8a8/w6a6 on CUDA, w8a8/w6a6 without calibration images, calibration images with a float
-    mode, or a model already optimised; ImportError naming the extra for int8 without ONNX
-    Runtime.
+    mode, a model already optimised, an unknown int8_runtime or one given with another mode,
+    int8_runtime="torchao" without calibration images; ImportError naming the extra when the
+    chosen int8 runtime is not installed; RuntimeError when Inductor cannot compile the torchao
+    int8 encoder (the model is then unchanged).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}.")
+    if int8_runtime not in _INT8_RUNTIMES:
+        raise ValueError(f"int8_runtime must be one of {list(_INT8_RUNTIMES)}, got {int8_runtime!r}.")
+    if int8_runtime != "auto" and mode != "int8":
+        raise ValueError(f"int8_runtime applies to mode='int8' only, not mode={mode!r}; drop it.")
+    if int8_runtime == "torchao" and calibration is None:
+        raise ValueError(
+            "int8_runtime='torchao' is static quantisation and needs calibration images: pass "
+            "calibration='a_folder_of_images/' or a list of HxWx3 uint8 arrays, or use "
+            "int8_runtime='onnxruntime' (dynamic quantisation without images)."
+        )
     for name in ("image_encoder", "prompt_encoder", "mask_decoder"):
         if not isinstance(getattr(model, name, None), nn.Module):
             raise ValueError(f"optimize() expects a SAM model with an `{name}` submodule, got {type(model).__name__}.")
@@ -117,7 +144,7 @@ def optimize(
         )
     if mode == "int8" and device.type != "cpu":
         raise ValueError(
-            f"mode='int8' runs the encoder in ONNX Runtime on CPU only but the model is on {device.type}; "
+            f"mode='int8' runs the encoder on CPU only (oneDNN or ONNX Runtime int8 kernels) but the model is on {device.type}; "
             "on CUDA use mode='bf16' or mode='fp16'."
         )
     if mode in _SIMULATED:
@@ -148,10 +175,15 @@ def optimize(
     if mode in _DTYPES:
         _reduce_precision(model, _DTYPES[mode])
     elif mode == "int8":
-        from .quantization.onnx_int8 import int8_image_encoder
-
         # Built from the float encoder before it is replaced; a failure leaves the model as it was.
-        model.image_encoder = int8_image_encoder(model, calibration)
+        if _int8_runtime(int8_runtime, calibration) == "torchao":
+            from .quantization.pt2e_int8 import pt2e_int8_encoder
+
+            model.image_encoder = pt2e_int8_encoder(model, calibration)
+        else:
+            from .quantization.onnx_int8 import int8_image_encoder
+
+            model.image_encoder = int8_image_encoder(model, calibration)
     elif mode in _SIMULATED:
         from .quantization import calibrate
 
@@ -160,6 +192,18 @@ def optimize(
         _compile_parts(model, mode, device)
     setattr(model, _ATTR, (mode, compile))
     return model
+
+
+def _int8_runtime(requested: str, calibration: Any) -> str:
+    """The int8 runtime ``optimize`` uses: the requested one, or for "auto" torchao's PT2E route
+    when calibration images are given and torchao imports, else ONNX Runtime."""
+    if requested != "auto":
+        return requested
+    if calibration is None:
+        return "onnxruntime"
+    from .quantization.pt2e_int8 import torchao_available
+
+    return "torchao" if torchao_available() else "onnxruntime"
 
 
 def _reduce_precision(model: nn.Module, dtype: torch.dtype) -> None:

@@ -57,7 +57,7 @@ def fp32(sd, coffee):
 
 @pytest.fixture(scope="module")
 def static_int8(sd, calib):
-    return optimize(_model(sd), "int8", calibration=calib)
+    return optimize(_model(sd), "int8", calibration=calib, int8_runtime="onnxruntime")
 
 
 def _op_types(encoder: OnnxImageEncoder):

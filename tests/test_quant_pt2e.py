@@ -1,0 +1,192 @@
+"""Real int8 execution of the image encoder through torchao's PT2E flow and Inductor
+(sam_drop_in.quantization.pt2e_int8), and how precision.optimize chooses its int8 runtime.
+
+The model is ``small_sam`` (a 1-block, 64-wide ViT encoder at 1024 px, the real prompt encoder
+and mask decoder) with perturbed random weights, calibrated on one photograph and evaluated on
+another; random weights put many logits near the threshold, so the bounds are lower bounds for
+trained weights. benchmarks/bench_quant.py --real --pt2e measures the real vit_t.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from sam_drop_in import SamPredictor
+from sam_drop_in._errors import InputError
+from sam_drop_in.precision import optimize
+from sam_drop_in.testing import load_image, mean_iou, perturbed_state_dict, predict_quality_masks, small_sam
+
+pytest.importorskip("torchao")  # the quant extra; the compat extra (the suite's) includes it
+
+from sam_drop_in.quantization.pt2e_int8 import Pt2eImageEncoder, pt2e_int8_encoder  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return perturbed_state_dict(small_sam("sam_drop_in").state_dict(), seed=1)
+
+
+def _model(sd):
+    m = small_sam("sam_drop_in")
+    m.load_state_dict(sd)
+    return m
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return [load_image("astronaut.jpg")]  # calibration and evaluation photographs differ
+
+
+@pytest.fixture(scope="module")
+def coffee():
+    return load_image("coffee.jpg")
+
+
+@pytest.fixture(scope="module")
+def fp32(sd, coffee):
+    """(embedding, quality masks) of the float model on the evaluation photograph."""
+    pred = SamPredictor(optimize(_model(sd), "fp32"))
+    masks = predict_quality_masks(pred, coffee)
+    return pred.get_image_embedding().clone(), masks
+
+
+@pytest.fixture(scope="module")
+def int8(sd, calib):
+    return optimize(_model(sd), "int8", calibration=calib)  # auto: torchao, as torchao imports here
+
+
+def _agreement(model, coffee, fp32):
+    pred = SamPredictor(model)
+    masks = predict_quality_masks(pred, coffee)
+    emb = pred.get_image_embedding()
+    cos = float(torch.nn.functional.cosine_similarity(emb.flatten(), fp32[0].flatten(), 0))
+    return emb, cos, mean_iou(fp32[1], masks)
+
+
+def test_auto_chooses_torchao_and_agrees(int8, coffee, fp32):
+    enc = int8.image_encoder
+    assert isinstance(enc, Pt2eImageEncoder) and enc.img_size == 1024
+    # The quantised graph holds int8 weights and per-tensor activation quantisation.
+    consts = [t for t in list(enc.graph.parameters()) + list(enc.graph.buffers()) if t.dtype == torch.int8]
+    targets = {str(n.target) for n in enc.graph.graph.nodes if n.op == "call_function"}
+    assert len(consts) >= 4, "the convolutions' and linears' weights are int8"
+    assert any("quantize_per_tensor" in t for t in targets) and any("dequantize_per_channel" in t for t in targets)
+    # The mask decoder stays float32, untouched.
+    assert all(p.dtype == torch.float32 for p in int8.mask_decoder.parameters())
+    emb, cos, iou = _agreement(int8, coffee, fp32)
+    assert emb.dtype == torch.float32 and emb.shape == (1, 256, 64, 64)
+    # Contract: 8-bit weights (per channel) and activations (per tensor, MinMax over one
+    # photograph) keep the embedding within cosine 0.995 of fp32 and the masks at mean IoU
+    # >= 0.93 (the issue's bound; measured on the AMX machine: see the printed figures). Not
+    # equal to fp32: the rounding is real.
+    assert cos >= 0.995, f"embedding cosine {cos:.5f}"
+    assert iou >= 0.93, f"mean mask IoU {iou:.4f}"
+    assert cos < 1.0
+    print(f"pt2e int8: embedding cosine {cos:.5f}, mean mask IoU {iou:.4f}, threads {torch.get_num_threads()}")
+
+
+def test_compiled_code_calls_onednn_int8_kernels(sd, calib):
+    """Really int8 at run time: Inductor lowers the quantised convolutions and linears to
+    oneDNN's quantised kernels (qconv / qlinear), rather than running float ops on dequantised
+    weights."""
+    from torch._inductor.utils import run_and_get_code
+
+    enc = pt2e_int8_encoder(_model(sd), calib, warm_up=False)
+    x = torch.zeros(1, 3, 1024, 1024)
+    _, code = run_and_get_code(enc, x)
+    text = "\n".join(code)
+    assert "qconv" in text and "qlinear" in text, "no oneDNN int8 kernel in Inductor's code"
+
+
+def test_batches_input_checks_and_copies(int8):
+    enc = int8.image_encoder
+    with pytest.raises(InputError, match="Bx3x1024x1024"):
+        enc(torch.zeros(1, 3, 512, 512))
+    with pytest.raises(InputError, match="Bx3x1024x1024"):
+        enc(np.zeros((1, 3, 1024, 1024), np.float32))
+    x = torch.randn(2, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
+    out = enc(x)
+    assert out.shape == (2, 256, 64, 64) and out.dtype == torch.float32
+    # A batch runs image by image through the one compiled function: the same kernels on the
+    # same shapes, so each row equals that image alone, bit for bit.
+    assert torch.equal(out[1:], enc(x[1:]))
+    # compile() (optimize(..., compile=True) calls it) leaves the compiled encoder as it is.
+    compiled = enc._get_compiled()
+    enc.compile()
+    assert enc._get_compiled() is compiled
+
+
+def test_optimize_compile_true_keeps_the_int8_encoder(sd, calib, coffee, fp32):
+    m = optimize(_model(sd), "int8", compile=True, calibration=calib, int8_runtime="torchao")
+    assert isinstance(m.image_encoder, Pt2eImageEncoder)
+    _, cos, _ = _agreement(m, coffee, fp32)
+    assert cos >= 0.995, f"embedding cosine {cos:.5f}"  # contract as in test_auto_chooses_torchao_and_agrees
+
+
+def test_runtime_choice_and_errors(sd, calib):
+    with pytest.raises(ValueError, match="int8_runtime must be one of"):
+        optimize(_model(sd), "int8", calibration=calib, int8_runtime="tensorrt")
+    with pytest.raises(ValueError, match="applies to mode='int8' only"):
+        optimize(_model(sd), "bf16", int8_runtime="torchao")
+    with pytest.raises(ValueError, match="needs calibration images"):
+        optimize(_model(sd), "int8", int8_runtime="torchao")
+    with pytest.raises(InputError, match="no calibration images"):
+        optimize(_model(sd), "int8", calibration=[], int8_runtime="torchao")
+    m = _model(sd)
+    with pytest.raises(InputError, match="float32 image encoder on CPU"):
+        pt2e_int8_encoder(m.to(torch.bfloat16), calib)
+
+
+def test_missing_torchao_names_the_extra_and_auto_falls_back(sd, calib, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from sam_drop_in.quantization.onnx_int8 import OnnxImageEncoder
+
+    # Without images, auto is ONNX Runtime's dynamic quantisation (it needs none).
+    assert optimize(_model(sd), "int8").image_encoder.quantized == "int8-dynamic"
+    # A None entry in sys.modules makes `import torchao...` raise ImportError, as when the
+    # package is not installed.
+    for name in [n for n in sys.modules if n == "torchao" or n.startswith("torchao.")] + ["torchao"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match=r"pip install 'sam-drop-in\[quant\]'"):
+        optimize(_model(sd), "int8", calibration=calib, int8_runtime="torchao")
+    m = optimize(_model(sd), "int8", calibration=calib)
+    assert isinstance(m.image_encoder, OnnxImageEncoder) and m.image_encoder.quantized == "int8-static-qdq-minmax"
+
+
+_NO_VNNI_SCRIPT = r"""
+import json, sys, torch
+from sam_drop_in import SamPredictor
+from sam_drop_in.precision import optimize
+from sam_drop_in.testing import load_image, mean_iou, perturbed_state_dict, predict_quality_masks, small_sam
+
+sd = perturbed_state_dict(small_sam("sam_drop_in").state_dict(), seed=1)
+def model():
+    m = small_sam("sam_drop_in"); m.load_state_dict(sd); return m
+coffee = load_image("coffee.jpg")
+ref = SamPredictor(optimize(model(), "fp32")); ref_masks = predict_quality_masks(ref, coffee)
+m = optimize(model(), "int8", calibration=[load_image("astronaut.jpg")], int8_runtime="torchao")
+pred = SamPredictor(m); masks = predict_quality_masks(pred, coffee)
+cos = float(torch.nn.functional.cosine_similarity(pred.get_image_embedding().flatten(), ref.get_image_embedding().flatten(), 0))
+print(json.dumps({"cos": cos, "iou": mean_iou(ref_masks, masks), "threads": torch.get_num_threads(),
+                  "isa": torch.backends.cpu.get_cpu_capability()}))
+"""
+
+
+def test_runs_without_vnni_on_one_thread(tmp_path):
+    """The route on a CPU without VNNI/AMX: oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA) and
+    ATen/Inductor's vector code at AVX2 (ATEN_CPU_CAPABILITY), one thread; a fresh process,
+    since both are read once at start-up. Contract as in test_auto_chooses_torchao_and_agrees."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2", OMP_NUM_THREADS="1",
+               TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", _NO_VNNI_SCRIPT], env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert r["threads"] == 1 and r["isa"] == "AVX2"
+    assert r["cos"] >= 0.995 and r["iou"] >= 0.93, r
+    print("pt2e int8 without VNNI, 1 thread:", r)
