@@ -146,6 +146,24 @@ class Pt2eImageEncoder(nn.Module):
         return state
 
 
+def _float_linears(encoder: nn.Module) -> list:
+    """Names of the linears left in float32: in a TinyViT, every MLP's output projection (fc2).
+
+    Why: Inductor fuses the residual addition after fc2 into the int8 linear (oneDNN's binary
+    post-op), and that residual, TinyViT's local-convolution output, is a transposed view;
+    oneDNN has no fast int8 matmul for a transposed post-op operand and falls back to its
+    reference kernel, measured about 10^4x slower than the fast one on the AMX machine (seconds
+    per fc2 instead of a fraction of a millisecond). A contiguous copy of the residual inserted
+    in the graph did not change the layout Inductor passed on. fc2 in float32 keeps the rest in
+    int8 at the fast kernels' speed.
+    """
+    from ..modeling.tiny_vit import TinyViT
+
+    if not isinstance(encoder, TinyViT):
+        return []
+    return [name for name, m in encoder.named_modules() if name.endswith("mlp.fc2") and isinstance(m, nn.Linear)]
+
+
 @torch.no_grad()
 def pt2e_int8_encoder(sam: nn.Module, calibration: Images, *, warm_up: bool = True) -> Pt2eImageEncoder:
     """``sam``'s image encoder statically quantised to int8 with torchao's PT2E flow and the x86
@@ -179,6 +197,8 @@ def pt2e_int8_encoder(sam: nn.Module, calibration: Images, *, warm_up: bool = Tr
     exported = torch.export.export(encoder, (inputs[0],)).module()
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    for name in _float_linears(encoder):
+        quantizer.set_module_name_qconfig(name, None)
     observed = prepare_pt2e(exported, quantizer)
     for x in inputs:
         observed(x)
