@@ -4,7 +4,7 @@
 The model is ``small_sam`` (a 1-block, 64-wide ViT encoder at 1024 px, the real prompt encoder
 and mask decoder) with perturbed random weights, calibrated on one photograph and evaluated on
 another; random weights put many logits near the threshold, so the bounds are lower bounds for
-trained weights. benchmarks/bench_quant.py --real --pt2e measures the real vit_t.
+trained weights. benchmarks/bench_quant.py --real --runtimes torchao,bf16 measures the real vit_t.
 """
 
 import json
