@@ -23,7 +23,7 @@ from sam_drop_in.testing import load_image, mean_iou, perturbed_state_dict, pred
 
 pytest.importorskip("torchao")  # the quant extra; the compat extra (the suite's) includes it
 
-from sam_drop_in.quantization.pt2e_int8 import Pt2eImageEncoder, pt2e_int8_encoder  # noqa: E402
+from sam_drop_in.quantization.pt2e_int8 import Pt2eImageEncoder, pt2e_int8_encoder
 
 
 @pytest.fixture(scope="module")
