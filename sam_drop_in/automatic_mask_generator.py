@@ -11,8 +11,13 @@ CNOS and others do) changes what it would change upstream. The work differs only
   is upsampled; only its survivors are upsampled to full resolution (upstream upsamples all
   three masks of every prompt first).
 - Stability is still computed on the full-resolution upsampled logits, exactly as upstream, but
-  only for the IoU survivors, a few masks at a time; boxes, edge tests and RLE only for the
+  only for the IoU survivors, a few masks at a time; boxes and edge tests only for the
   stability survivors, each in one batched operation instead of a Python loop per mask.
+- RLE encoding waits until the crop's box NMS has run, and then encodes only its survivors
+  (upstream encodes every stability survivor, and most of them are suppressed). Until then a
+  mask is kept bit-packed (np.packbits, H*W/8 bytes), and the RLE of the unpacked mask is the
+  one it would have had. This is done when ``_process_batch`` is this class's own; a subclass
+  that overrides it gets its records from its ``_process_batch`` as upstream.
 - The decoder's per-image work is done once per crop (the predictor keeps it between batches).
 - Nothing is deep-copied when batches and crops are concatenated.
 """
@@ -294,12 +299,19 @@ class SamAutomaticMaskGenerator:
         points_scale = np.array(cropped_size)[None, ::-1]
         points_for_image = self.point_grids[crop_layer_idx] * points_scale
 
+        # RLE after NMS (see the module docstring), unless a subclass defines _process_batch.
+        deferred = type(self)._process_batch is SamAutomaticMaskGenerator._process_batch
         data = MaskData()
         for (points,) in self._batches(points_for_image):
-            data.cat(self._process_batch(points, cropped_size, crop_box, orig_size))
+            if deferred:
+                data.cat(self._filtered_batch(points, cropped_size, crop_box, orig_size, encode=False))
+            else:
+                data.cat(self._process_batch(points, cropped_size, crop_box, orig_size))
         self.predictor.reset_image()
 
         data.filter(box_nms(data["boxes"], data["iou_preds"], self.box_nms_thresh))
+        if deferred:
+            data = self._encode_packed(data, crop_box, orig_size)
         data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["points"] = uncrop_points(data["points"], crop_box)
         # A list of int lists gives int64; no rows gives an empty float32 tensor, which then
@@ -352,15 +364,20 @@ class SamAutomaticMaskGenerator:
         orig_size: Tuple[int, ...],
         covered: Optional[List[torch.Tensor]] = None,
         high_score_thresh: float = 0.0,
+        encode: bool = True,
     ) -> MaskData:
         """The work of _process_batch, in decoder calls of decode_batch_size prompts.
 
         When ``covered`` is a list, it ends up holding one HxW bool tensor (crop frame), or-ed
         over calls: the union over stability survivors of their full-resolution logits >
         high_score_thresh (hierarchical mode).
+
+        With ``encode=False`` the masks are not RLE-encoded: the column ``rles`` is replaced by
+        ``packed``, an M x ceil(h*w/8) uint8 numpy array of the crop-frame masks, row-major,
+        np.packbits' bit order (for :meth:`_encode_packed` after NMS).
         """
         step = self.decode_batch_size or len(points)
-        rles: List[Dict[str, Any]] = []
+        rles: List[Any] = []
         boxes, ious, stabs, rows = [], [], [], []
         n_stable = 0
         masks_per_prompt = 3
@@ -371,12 +388,15 @@ class SamAutomaticMaskGenerator:
             kept_rows = keep.flatten().nonzero()[:, 0].cpu() + start * masks_per_prompt
             for c in range(0, low_res.shape[0], _UPSAMPLE_CHUNK):
                 chunk_rles, bx, stab, sel, n = self._score_and_encode(
-                    low_res[c : c + _UPSAMPLE_CHUNK], crop_box, orig_size, covered, high_score_thresh
+                    low_res[c : c + _UPSAMPLE_CHUNK], crop_box, orig_size, covered, high_score_thresh, encode
                 )
                 n_stable += n
-                if not chunk_rles:
+                if len(chunk_rles) == 0:
                     continue
-                rles.extend(chunk_rles)
+                if encode:
+                    rles.extend(chunk_rles)
+                else:
+                    rles.append(chunk_rles)
                 boxes.append(bx)
                 stabs.append(stab)
                 ious.append(iou[c : c + _UPSAMPLE_CHUNK][sel.to(iou.device)])
@@ -389,6 +409,16 @@ class SamAutomaticMaskGenerator:
         else:
             box_t = torch.cat(boxes) if boxes else torch.zeros(0, 4, dtype=torch.long, device=device)
         row_idx = torch.cat(rows).numpy() if rows else np.zeros(0, dtype=np.int64)
+        if not encode:
+            h, w = im_size
+            packed = np.concatenate(rles) if rles else np.zeros((0, (h * w + 7) // 8), dtype=np.uint8)
+            return MaskData(
+                packed=packed,
+                boxes=box_t,
+                iou_preds=torch.cat(ious) if ious else torch.zeros(0, device=device),
+                points=torch.as_tensor(points.repeat(masks_per_prompt, axis=0)[row_idx]),
+                stability_score=torch.cat(stabs) if stabs else torch.zeros(0, device=device),
+            )
         return MaskData(
             rles=rles,
             boxes=box_t,
@@ -404,11 +434,13 @@ class SamAutomaticMaskGenerator:
         orig_size: Tuple[int, ...],
         covered: Optional[List[torch.Tensor]],
         high_score_thresh: float,
-    ) -> Tuple[List[Dict[str, Any]], torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        encode: bool = True,
+    ) -> Tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Upsample K low-res logits (Kx256x256), filter by stability and crop edge, encode.
 
         Returns (rles, boxes Mx4 int64, stability M, indices M of the kept rows, number of
-        stability survivors before the edge filter).
+        stability survivors before the edge filter). With ``encode=False``, instead of the RLE
+        list an M x ceil(h*w/8) uint8 array of the bit-packed crop-frame masks.
         """
         model = self.predictor.model
         orig_h, orig_w = orig_size
@@ -436,7 +468,26 @@ class SamAutomaticMaskGenerator:
                 masks, bx, stab, idx = masks[~near], bx[~near], stab[~near], idx[~near]
         if masks.shape[0] == 0:
             return [], bx, stab, idx, n_stable
+        if not encode:
+            return np.packbits(masks.cpu().numpy().reshape(masks.shape[0], -1), axis=1), bx, stab, idx, n_stable
         return mask_to_rle_pytorch(uncrop_masks(masks, crop_box, orig_h, orig_w)), bx, stab, idx, n_stable
+
+    def _encode_packed(self, data: MaskData, crop_box: List[int], orig_size: Tuple[int, ...]) -> MaskData:
+        """``data`` from ``_filtered_batch(encode=False)`` with its ``packed`` column replaced by
+        ``rles`` (uncompressed RLE at orig_size), the first column as _process_batch has it.
+
+        Unpacked a few masks at a time, so full-size bool masks of at most _UPSAMPLE_CHUNK masks
+        exist at once.
+        """
+        packed = data["packed"]
+        x0, y0, x1, y1 = crop_box
+        h, w = y1 - y0, x1 - x0
+        rles: List[Dict[str, Any]] = []
+        for c in range(0, packed.shape[0], _UPSAMPLE_CHUNK):
+            part = np.unpackbits(packed[c : c + _UPSAMPLE_CHUNK], axis=1, count=h * w).view(bool)
+            masks = torch.from_numpy(part.reshape(-1, h, w)).to(self.predictor.device)
+            rles.extend(mask_to_rle_pytorch(uncrop_masks(masks, crop_box, orig_size[0], orig_size[1])))
+        return MaskData(rles=rles, **{k: v for k, v in data.items() if k != "packed"})
 
     def _decode_batch(
         self, points: np.ndarray, im_size: Tuple[int, ...]

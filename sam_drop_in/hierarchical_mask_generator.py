@@ -126,8 +126,10 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
             self.predictor.reset_image()
 
         data.cat(sparse)
-        if len(data["rles"]) > 0:
+        if len(data["packed"]) > 0:
             data.filter(box_nms(data["boxes"], data["iou_preds"], self.box_nms_thresh))
+        # Only NMS survivors are RLE-encoded (as in the standard generator's _process_crop).
+        data = self._encode_packed(data, whole, (ih, iw))
         data["crop_boxes"] = torch.tensor([whole for _ in range(len(data["rles"]))])
         data.to_numpy()
         if self.min_mask_region_area > 0:
@@ -140,17 +142,18 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
         self, points: np.ndarray, whole: List[int], covered: Optional[List[torch.Tensor]] = None
     ) -> MaskData:
         """Decode and filter points (pixels) of the set whole image in batches of points_per_batch,
-        as the standard generator's _process_batch does; ``covered`` as for _filtered_batch."""
+        as the standard generator's _process_batch does; ``covered`` as for _filtered_batch. The
+        masks come bit-packed (column ``packed``, ``_filtered_batch(encode=False)``), not encoded."""
         size = (whole[3], whole[2])
         if len(points) == 0:
             device = self.predictor.device
             return MaskData(
-                rles=[], boxes=torch.zeros(0, 4, dtype=torch.long, device=device), iou_preds=torch.zeros(0, device=device),
+                packed=np.zeros((0, (size[0] * size[1] + 7) // 8), dtype=np.uint8), boxes=torch.zeros(0, 4, dtype=torch.long, device=device), iou_preds=torch.zeros(0, device=device),
                 points=torch.zeros(0, 2, dtype=torch.float64), stability_score=torch.zeros(0, device=device),
             )
         data = MaskData()
         for (batch,) in self._batches(points):
-            data.cat(self._filtered_batch(batch, size, whole, size, covered, self.high_score_thresh))
+            data.cat(self._filtered_batch(batch, size, whole, size, covered, self.high_score_thresh, encode=False))
         return data
 
     def _dense_points(self, sparse_points: np.ndarray, covered: np.ndarray, iw: int, ih: int) -> np.ndarray:
