@@ -13,13 +13,16 @@ What it computes differently from ``MaskDecoder.predict_masks`` / ``TwoWayTransf
   that keeps the :class:`ImageSide` pays for them once per image, and the shared image is never
   copied per prompt (upstream's ``repeat_interleave``).
 - Image->token attention has a handful of keys (the prompt tokens): two dense products with a
-  block-diagonal key matrix (one block per head), value and output projections folded together.
+  block-diagonal key matrix (one block per head), value and output projections folded together,
+  the output bias shared out over the heads' value rows (each head's weights sum to one) and the
+  residual image tokens passed in as the product's addend.
 - Token->image attention after the first block has a handful of queries: they are moved through
   the key projection instead of projecting 4096 image tokens to keys and values (about half the
   work) when that is cheaper (:func:`_folds`).
 - The two 2x2 stride-2 transposed convolutions of ``output_upscaling`` are matrix products on the
-  image tokens as they come out of the transformer; the sub-pixel layout is put in place once, on
-  the final logits.
+  image tokens as they come out of the transformer, biases added inside the products; the
+  sub-pixel layout is put in place once, on the final logits (:func:`decode_filtered`: only on
+  the kept masks' logits).
 - Prompts sharing an image are decoded PROMPT_CHUNK at a time so that each one's image-side
   tensors (4 MB each) stay in cache.
 
@@ -162,10 +165,16 @@ def decode_filtered(
         iou = decoder.iou_prediction_head(tokens[:, 0, :])[:, mask_slice].float()  # thresholds compare in float32
         keep = iou > iou_thresh if iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
         prompts = keep.any(dim=1)
-        if bool(prompts.all()):
-            lows.append(_mask_logits(decoder, tokens, keys, side.grid)[:, mask_slice][keep])
-        elif bool(prompts.any()):
-            lows.append(_mask_logits(decoder, tokens[prompts], keys[prompts], side.grid)[:, mask_slice][keep[prompts]])
+        if not bool(prompts.all()):
+            tokens, keys, keep_p = tokens[prompts], keys[prompts], keep[prompts]
+        else:
+            keep_p = keep
+        if tokens.shape[0]:
+            # Every mask of the slice from the upscaled features (one product, memory-bound on
+            # the features), but the sub-pixel layout copy only for the kept ones.
+            hyper_in = _hyper_in(decoder, tokens)[:, mask_slice]
+            raw = torch.matmul(_upscaled(decoder, keys, side.grid), hyper_in.transpose(1, 2))
+            lows.append(_subpixel(raw.transpose(1, 2)[keep_p], side.grid))
         ious.append(iou[keep])
         keeps.append(keep)
     h, w = side.grid
@@ -247,8 +256,7 @@ def _block(
     queries = layer.norm3(queries + layer.mlp(queries))
 
     # From here on the image side differs per prompt (keys: B x HW x C).
-    i2t_out = _attend_tokens(layer.cross_attn_image_to_token, image_q, queries + query_pe, queries)
-    keys = layer.norm4(keys + i2t_out)
+    keys = layer.norm4(_attend_tokens(layer.cross_attn_image_to_token, image_q, queries + query_pe, queries, keys))
     return queries, keys
 
 
@@ -364,23 +372,24 @@ def _attend_image(attn: Attention, q: Tensor, keys: Tensor, bias: Tensor) -> Ten
     return attn.out_proj(out)
 
 
-def _attend_tokens(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _attend_tokens(attn: Attention, q: Tensor, k: Tensor, v: Tensor, residual: Tensor) -> Tensor:
     """
-    Many queries on few keys: image tokens attending to prompt tokens.
+    Many queries on few keys: image tokens attending to prompt tokens, plus a residual.
 
     Arguments:
       q (torch.Tensor): B' x N x Ci projected image queries (B' = 1 when shared).
       k, v (torch.Tensor): B x T x C token keys and values (not yet projected).
+      residual (torch.Tensor): B' x N x C image tokens the attention's output is added to.
 
     Returns:
-      (torch.Tensor): B x N x C, as ``out_proj(attention(q, k_proj(k), v_proj(v)))``.
+      (torch.Tensor): B x N x C, as ``residual + out_proj(attention(q, k_proj(k), v_proj(v)))``.
     """
     k, v = attn.k_proj(k), attn.v_proj(v)
     b, t, ci = k.shape
     heads, d = attn.num_heads, ci // attn.num_heads
     n = q.shape[1]
     if heads * t > ci:  # many tokens: the block-diagonal form would cost more than it saves
-        return _attend_projected(attn, q, k, v)
+        return residual + _attend_projected(attn, q, k, v)
     # Scores of every head at once: q (N x Ci) times the block-diagonal key matrix.
     blocks = _head_blocks(attn, k * d**-0.5)
     if q.shape[0] == 1:
@@ -389,10 +398,14 @@ def _attend_tokens(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         scores = torch.matmul(blocks, q.transpose(1, 2)).view(b, heads, t, n)
     # Softmax over the T keys; the token axis is not the last one, where it would be slow.
     probs = scores.softmax(dim=2).view(b, heads * t, n)
-    # Values and output projection folded: row h*T+t holds v[t, head h] @ W_out[:, head h].T.
+    # Values and output projection folded: row h*T+t holds v[t, head h] @ W_out[:, head h].T,
+    # plus the output bias / heads: each head's weights sum to one over its T rows, so the
+    # weighted sum adds the bias once. The residual comes in as the product's addend: no
+    # separate pass over the B x N x C result.
     w_out = attn.out_proj.weight.view(-1, heads, d)
     values_out = torch.einsum("bthd,chd->bhtc", v.view(b, t, heads, d), w_out).reshape(b, heads * t, -1)
-    return torch.baddbmm(attn.out_proj.bias, probs.transpose(1, 2), values_out)
+    values_out = values_out.add_(attn.out_proj.bias / heads)
+    return torch.baddbmm(residual, probs.transpose(1, 2), values_out)
 
 
 # -- upscaling and mask logits ----------------------------------------------------------------
@@ -400,25 +413,41 @@ def _attend_tokens(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 def _mask_logits(decoder: nn.Module, hs: Tensor, keys: Tensor, grid: Tuple[int, int]) -> Tensor:
     """Bx4x(4H)x(4W) mask logits from the transformer's output tokens ``hs`` (BxTxC) and image
-    tokens ``keys`` (BxHWxC).
+    tokens ``keys`` (BxHWxC)."""
+    hyper_in = _hyper_in(decoder, hs)
+    logits = torch.matmul(_upscaled(decoder, keys, grid), hyper_in.transpose(1, 2))  # B x N x K
+    (b, _, k), (h, w) = logits.shape, grid
+    # The sub-pixel layout of every mask in one copy.
+    return logits.view(b, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, k, 4 * h, 4 * w)
+
+
+def _hyper_in(decoder: nn.Module, hs: Tensor) -> Tensor:
+    """B x K x C2: each mask token's hypernetwork output (K = num_mask_tokens)."""
+    mask_tokens_out = hs[:, 1 : (1 + decoder.num_mask_tokens), :]
+    return torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
+
+
+def _upscaled(decoder: nn.Module, keys: Tensor, grid: Tuple[int, int]) -> Tensor:
+    """B x N x C2 upscaled image features, N = H*W*16 in the order (h, w, di, dj, di2, dj2).
 
     A 2x2 stride-2 transposed convolution writes each input pixel's 2x2 output block and nothing
     else, so it is one matrix product per pixel: channels-last input rows times a
-    C_in x (2*2*C_out) matrix. Both upscaling steps run that way on the image tokens as they come
-    out of the transformer (no transposes), the LayerNorm over the last axis; the sub-pixel blocks
-    are put in place once, on the small final logits.
+    C_in x (2*2*C_out) matrix, with the bias repeated for the four output pixels (added inside the
+    product). Both upscaling steps run that way on the image tokens as they come out of the
+    transformer (no transposes), the LayerNorm over the last axis; the sub-pixel blocks are put
+    in place by :func:`_subpixel`, on the small final logits.
     """
-    mask_tokens_out = hs[:, 1 : (1 + decoder.num_mask_tokens), :]
-    hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
     conv1, norm, act1, conv2, act2 = decoder.output_upscaling
     b, (h, w) = keys.shape[0], grid
     c1, c2 = conv1.out_channels, conv2.out_channels
-    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.in_channels, 4 * c1)  # cin x (di, dj, cout)
-    x = torch.matmul(keys, w1).view(b, h * w * 4, c1).add_(conv1.bias)
+    w1 = conv1.weight.permute(2, 3, 1, 0).reshape(4 * c1, conv1.in_channels)  # (di, dj, cout) x cin
+    x = nn.functional.linear(keys, w1, conv1.bias.repeat(4)).view(b, h * w * 4, c1)
     x = activate_(act1, nn.functional.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
-    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
-    x = activate_(act2, torch.matmul(x, w2).view(b, h * w * 16, c2).add_(conv2.bias))
-    logits = torch.matmul(x, hyper_in.transpose(1, 2))  # B x (h, w, di, dj, di2, dj2) x K
-    k = hyper_in.shape[1]
-    logits = logits.view(b, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)
-    return logits.reshape(b, k, 4 * h, 4 * w)
+    w2 = conv2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1)
+    return activate_(act2, nn.functional.linear(x, w2, conv2.bias.repeat(4)).view(b, h * w * 16, c2))
+
+
+def _subpixel(logits: Tensor, grid: Tuple[int, int]) -> Tensor:
+    """K x (4H) x (4W) masks from K x N logits in :func:`_upscaled`'s order."""
+    (h, w), k = grid, logits.shape[0]
+    return logits.reshape(k, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6).reshape(k, 4 * h, 4 * w)
