@@ -451,7 +451,8 @@ class SamAutomaticMaskGenerator:
         idx = torch.arange(low_res.shape[0], device=stab.device)
         if self.stability_score_thresh > 0.0:
             keep = stab >= self.stability_score_thresh
-            logits, stab, idx = logits[keep], stab[keep], idx[keep]
+            if not bool(keep.all()):  # indexing copies the full-resolution logits even when all pass
+                logits, stab, idx = logits[keep], stab[keep], idx[keep]
         n_stable = logits.shape[0]
         if covered is not None and n_stable > 0:
             hit = (logits > high_score_thresh).any(dim=0)

@@ -48,9 +48,13 @@ from torch import Tensor, nn
 from .common import LayerNorm2d, activate_, attention, eager_inference
 from .transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
 
-# Prompts decoded together when they share the image side. Measured on a 2-core CPU with a 32 MB
-# L3, whole decoder per prompt, groups of 1/2/4/8: 33.6/31.5/39.7/43.5 ms for 16 prompts and
-# 35.4/30.8/32.2/39.8 ms for 64; larger groups spill the cache.
+# Prompts decoded together when they share the image side, in float32. Measured on a 2-core CPU
+# with a 32 MB L3, whole decoder per prompt, groups of 1/2/4/8: 33.6/31.5/39.7/43.5 ms for 16
+# prompts and 35.4/30.8/32.2/39.8 ms for 64; larger groups spill the cache. Two-byte dtypes
+# (bf16, fp16) take twice as many for the same bytes: on an AMX CPU in bf16, one thread, groups
+# of 2/4/8 cost the same per prompt (20.6/22.5/20.8 ms, a shared machine), while with 2 threads
+# and the machine loaded, groups of 4 were 1.4-3.6x faster than 2 (half as many parallel
+# regions, each waiting for the slowest thread).
 PROMPT_CHUNK = 2
 
 
@@ -191,7 +195,7 @@ def _groups(decoder: nn.Module, side: ImageSide, sparse: Tensor) -> Iterator[Tup
         raise ValueError(f"image side has batch {side.keys.shape[0]} but there are {b} prompts")
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
-    step = PROMPT_CHUNK if shared else max(b, 1)
+    step = max(1, PROMPT_CHUNK * 4 // sparse.element_size()) if shared else max(b, 1)
     for i in range(0, max(b, 1), step):
         part = side if shared else side._replace(keys=side.keys[i : i + step],
                                                  first=None if side.first is None else side.first[i : i + step])
