@@ -160,6 +160,25 @@ def test_nms_identical(models, coffee):
     assert_same_records(expected, got)
 
 
+def test_rle_after_nms_equals_rle_per_batch(models, coffee):
+    """The generator RLE-encodes masks only after the crop's NMS (bit-packed until then) unless a
+    subclass defines _process_batch, which then returns RLEs per batch as upstream's does. Both
+    routes run on the same model and floats here, with NMS and crops at work, so the records must
+    be identical (exact equality)."""
+    _, ours = models
+
+    class PerBatch(sam_drop_in.SamAutomaticMaskGenerator):
+        def _process_batch(self, points, im_size, crop_box, orig_size):
+            return super()._process_batch(points, im_size, crop_box, orig_size)
+
+    kw = dict(NMS, crop_n_layers=1, crop_nms_thresh=1.0, crop_n_points_downscale_factor=2, points_per_batch=16)
+    deferred = sam_drop_in.SamAutomaticMaskGenerator(ours, **kw).generate(coffee)
+    per_batch = PerBatch(ours, **kw).generate(coffee)
+    unsuppressed = sam_drop_in.SamAutomaticMaskGenerator(ours, **dict(kw, box_nms_thresh=1.0)).generate(coffee)
+    assert 1 <= len(deferred) < len(unsuppressed)  # NMS removed masks before they were encoded
+    assert_same_records(per_batch, deferred, exact=True)
+
+
 def test_uncompressed_rle_output(models, coffee, many_records):
     expected, _ = many_records
     _, ours = models
