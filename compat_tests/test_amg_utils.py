@@ -73,6 +73,24 @@ def test_stability_score_matches_upstream():
         assert torch.equal(torch.nan_to_num(o, nan=-1), torch.nan_to_num(e, nan=-1))
 
 
+@pytest.mark.parametrize("shape", [(2, 768, 1024), (160, 240), (3, 7, 13), (4, 2, 1016)])
+def test_stability_score_counts_exactly(shape):
+    # Contract: the same float32 scores as upstream (exact equality), on the packed-word count
+    # (H*W a multiple of 8, groups of 127 words and a remainder) and on the fallback (7x13), with
+    # masks that are empty, full (every byte lane at its largest partial count) or mixed, and on
+    # a sliced (non-contiguous) view of the logits.
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(*shape, generator=g) * 3
+    if len(shape) == 3:
+        logits[0] = 10.0  # every pixel above both thresholds
+        logits[-1] = -10.0  # none: NaN upstream
+    for x in (logits, logits[..., 1:, :]):
+        e = ref.calculate_stability_score(x, 0.0, 1.0)
+        o = ours.calculate_stability_score(x, 0.0, 1.0)
+        assert o.dtype == e.dtype and o.shape == e.shape
+        assert torch.equal(torch.nan_to_num(o, nan=-1), torch.nan_to_num(e, nan=-1))
+
+
 @pytest.mark.parametrize("n", [4, 7, 32])
 def test_point_grids_match_upstream(n):
     assert np.array_equal(ours.build_point_grid(n), ref.build_point_grid(n))
