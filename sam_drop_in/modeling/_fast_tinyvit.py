@@ -55,8 +55,14 @@ def applies(x: torch.Tensor, training: bool, *activations: nn.Module) -> bool:
             and all(type(a) is nn.GELU and a.approximate == "none" for a in activations) and eager_inference())
 
 
+# The fused primitives are PyTorch-internal ops (Inductor's lowering targets, present since torch
+# 2.0 on oneDNN builds); a build or a future release without them takes the plain-PyTorch branch.
+_FUSED_OPS = ("_linear_pointwise", "_convolution_pointwise", "_is_mkldnn_bf16_supported")
+
+
 def _onednn(x: torch.Tensor) -> bool:
-    if not (USE_ONEDNN and torch.backends.mkldnn.is_available()):
+    if not (USE_ONEDNN and torch.backends.mkldnn.is_available()
+            and all(hasattr(torch.ops.mkldnn, name) for name in _FUSED_OPS)):
         return False
     if x.dtype == torch.bfloat16:
         # oneDNN's bf16 primitives refuse CPUs without AVX-512 BW/VL/DQ or AVX-NE-CONVERT.
