@@ -50,6 +50,9 @@ import torch
 from torch import nn
 
 from .modeling._running import inside, running_parts
+from .quantization import calibrate
+from .quantization.onnx_int8 import int8_image_encoder
+from .quantization.pt2e_int8 import pt2e_int8_encoder, torchao_available
 
 __all__ = ["MODES", "optimize", "cpu_has_native_bf16"]
 
@@ -177,16 +180,10 @@ def optimize(
     elif mode == "int8":
         # Built from the float encoder before it is replaced; a failure leaves the model as it was.
         if _int8_runtime(int8_runtime, calibration) == "torchao":
-            from .quantization.pt2e_int8 import pt2e_int8_encoder
-
             model.image_encoder = pt2e_int8_encoder(model, calibration)
         else:
-            from .quantization.onnx_int8 import int8_image_encoder
-
             model.image_encoder = int8_image_encoder(model, calibration)
     elif mode in _SIMULATED:
-        from .quantization import calibrate
-
         model.image_encoder = calibrate(model, calibration, mode).eval()
     if compile:
         _compile_parts(model, mode, device)
@@ -201,8 +198,6 @@ def _int8_runtime(requested: str, calibration: Any) -> str:
         return requested
     if calibration is None:
         return "onnxruntime"
-    from .quantization.pt2e_int8 import torchao_available
-
     return "torchao" if torchao_available() else "onnxruntime"
 
 

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import LayerNorm2d, eager_inference
+
 # ENABLED = False runs the reference path everywhere (tests and benchmarks compare the two in
 # one process); USE_ONEDNN = False runs this path's plain-PyTorch branch on a CPU where oneDNN
 # could run (tests).
@@ -49,8 +51,6 @@ def applies(x: torch.Tensor, training: bool, *activations: nn.Module) -> bool:
     inference (see ``common.eager_inference``), module in eval mode, and its ``activations``
     exact GELUs (the fused kernels apply erf-GELU; a module built with another activation keeps
     its own forward)."""
-    from .common import eager_inference
-
     return (ENABLED and not training and x.dtype == torch.bfloat16 and x.device.type == "cpu"
             and all(type(a) is nn.GELU and a.approximate == "none" for a in activations) and eager_inference())
 
@@ -206,7 +206,6 @@ def _window_attention(attn, x: torch.Tensor, residual: bool) -> torch.Tensor:
 
 def is_sam_neck(neck_seq) -> bool:
     """Whether ``neck_seq`` is the neck TinyViT builds (a model may replace it)."""
-    from .common import LayerNorm2d
 
     kinds = [type(m) for m in neck_seq] if isinstance(neck_seq, nn.Sequential) else []
     return kinds == [nn.Conv2d, LayerNorm2d, nn.Conv2d, LayerNorm2d] and neck_seq[0].bias is None \

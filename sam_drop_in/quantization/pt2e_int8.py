@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .._errors import InputError
+from ..modeling.tiny_vit import TinyViT
 from .calibrate import load_calibration_images, preprocess
 
 __all__ = ["Pt2eImageEncoder", "pt2e_int8_encoder", "torchao_available"]
@@ -157,7 +158,6 @@ def _float_linears(encoder: nn.Module) -> list:
     in the graph did not change the layout Inductor passed on. fc2 in float32 keeps the rest in
     int8 at the fast kernels' speed.
     """
-    from ..modeling.tiny_vit import TinyViT
 
     if not isinstance(encoder, TinyViT):
         return []
