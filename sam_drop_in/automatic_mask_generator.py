@@ -409,18 +409,13 @@ class SamAutomaticMaskGenerator:
         else:
             box_t = torch.cat(boxes) if boxes else torch.zeros(0, 4, dtype=torch.long, device=device)
         row_idx = torch.cat(rows).numpy() if rows else np.zeros(0, dtype=np.int64)
-        if not encode:
+        if encode:
+            masks: Dict[str, Any] = {"rles": rles}  # the first column, as upstream's records have it
+        else:
             h, w = im_size
-            packed = np.concatenate(rles) if rles else np.zeros((0, (h * w + 7) // 8), dtype=np.uint8)
-            return MaskData(
-                packed=packed,
-                boxes=box_t,
-                iou_preds=torch.cat(ious) if ious else torch.zeros(0, device=device),
-                points=torch.as_tensor(points.repeat(masks_per_prompt, axis=0)[row_idx]),
-                stability_score=torch.cat(stabs) if stabs else torch.zeros(0, device=device),
-            )
+            masks = {"packed": np.concatenate(rles) if rles else np.zeros((0, (h * w + 7) // 8), dtype=np.uint8)}
         return MaskData(
-            rles=rles,
+            **masks,
             boxes=box_t,
             iou_preds=torch.cat(ious) if ious else torch.zeros(0, device=device),
             points=torch.as_tensor(points.repeat(masks_per_prompt, axis=0)[row_idx]),

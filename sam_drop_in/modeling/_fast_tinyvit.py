@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, eager_inference
+from .common import LayerNorm2d, eager_inference, in_windows
 
 # ENABLED = False runs the reference path everywhere (tests and benchmarks compare the two in
 # one process); USE_ONEDNN = False runs this path's plain-PyTorch branch on a CPU where oneDNN
@@ -168,21 +168,7 @@ def tinyvit_block(block, x: torch.Tensor) -> torch.Tensor:
     """``tiny_vit.TinyViTBlock`` at inference on tokens x (B, H*W, C), contiguous."""
     h, w = block.input_resolution
     b, L, c = x.shape
-    ws = block.window_size
-    attn = block.attn
-    if h == ws and w == ws:
-        x = _window_attention(attn, x, residual=True)
-    else:
-        grid = x.view(b, h, w, c)
-        pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
-        if pad_b or pad_r:
-            grid = F.pad(grid, (0, 0, 0, pad_r, 0, pad_b))
-        ph, pw = h + pad_b, w + pad_r
-        nh, nw = ph // ws, pw // ws
-        windows = grid.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
-        windows = _window_attention(attn, windows, residual=True)
-        grid = windows.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
-        x = grid[:, :h, :w].reshape(b, L, c) if (pad_b or pad_r) else grid.view(b, L, c)
+    x = in_windows(lambda t: _window_attention(block.attn, t, residual=True), x, (h, w), block.window_size)
     # The local convolution on a channels-last view of the tokens; its output is tokens again.
     y = conv(x.view(b, h, w, c).permute(0, 3, 1, 2), block.local_conv)
     x = y.permute(0, 2, 3, 1).reshape(b, L, c)

@@ -100,3 +100,24 @@ def in_row_groups(fn, x: torch.Tensor, out_features: int) -> torch.Tensor:
     for i in range(0, flat.shape[0], ROW_GROUP):
         out[i : i + ROW_GROUP] = fn(flat[i : i + ROW_GROUP])
     return out.view(*x.shape[:-1], out_features)
+
+
+def in_windows(fn, x: torch.Tensor, size, window: int) -> torch.Tensor:
+    """``fn`` applied to tokens x (B, H*W, C) on an H x W grid (``size``), cut into window x window
+    windows (B * windows, window * window, C), the grid zero-padded at the bottom and right to
+    whole windows first (the padded tokens take part as keys, as in the trained model). Returns
+    the tokens (B, H*W, C) of fn's output, padding dropped. A grid of exactly one window is
+    passed to ``fn`` as it is."""
+    h, w = size
+    b, n, c = x.shape
+    if h == window and w == window:
+        return fn(x)
+    grid = x.view(b, h, w, c)
+    pad_b, pad_r = (window - h % window) % window, (window - w % window) % window
+    if pad_b or pad_r:
+        grid = F.pad(grid, (0, 0, 0, pad_r, 0, pad_b))
+    nh, nw = (h + pad_b) // window, (w + pad_r) // window
+    windows = grid.view(b, nh, window, nw, window, c).transpose(2, 3).reshape(b * nh * nw, window * window, c)
+    out = fn(windows)
+    grid = out.view(b, nh, nw, window, window, c).transpose(2, 3).reshape(b, h + pad_b, w + pad_r, c)
+    return grid[:, :h, :w].reshape(b, n, c)

@@ -321,22 +321,7 @@ class TinyViTBlock(nn.Module):
             raise ValueError(f"TinyViTBlock expected {h}x{w}={h * w} tokens, got {L}")
         if _fast_tinyvit.applies(x, self.training, self.mlp.act):
             return _fast_tinyvit.tinyvit_block(self, x.contiguous())
-        ws = self.window_size
-        if h == ws and w == ws:
-            attn_out = self.attn(x)
-        else:
-            # Zero-pad to whole windows *before* the attention's LayerNorm: the padded tokens take
-            # part as keys exactly as in the trained model.
-            grid = x.view(b, h, w, c)
-            pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
-            if pad_b or pad_r:
-                grid = F.pad(grid, (0, 0, 0, pad_r, 0, pad_b))
-            ph, pw = h + pad_b, w + pad_r
-            nh, nw = ph // ws, pw // ws
-            windows = grid.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
-            windows = self.attn(windows)
-            grid = windows.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
-            attn_out = grid[:, :h, :w].reshape(b, L, c)
+        attn_out = common.in_windows(self.attn, x, (h, w), self.window_size)
         x = x + self.drop_path(attn_out)
         x = self.local_conv(x.transpose(1, 2).reshape(b, c, h, w))
         x = x.view(b, c, L).transpose(1, 2)
