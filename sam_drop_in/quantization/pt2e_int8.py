@@ -147,21 +147,42 @@ class Pt2eImageEncoder(nn.Module):
         return state
 
 
-def _float_linears(encoder: nn.Module) -> list:
-    """Names of the linears left in float32: in a TinyViT, every MLP's output projection (fc2).
+def _residual_adds_apart(graph_module: torch.fx.GraphModule, encoder: nn.Module) -> int:
+    """Rewrite, in the exported graph of a TinyViT, each ``residual + mlp.fc2(h)`` as
+    ``residual - (-fc2(h))``; returns how many were rewritten (0 for other encoders).
 
-    Why: Inductor fuses the residual addition after fc2 into the int8 linear (oneDNN's binary
-    post-op), and that residual, TinyViT's local-convolution output, is a transposed view;
-    oneDNN has no fast int8 matmul for a transposed post-op operand and falls back to its
-    reference kernel, measured about 10^4x slower than the fast one on the AMX machine (seconds
-    per fc2 instead of a fraction of a millisecond). A contiguous copy of the residual inserted
-    in the graph did not change the layout Inductor passed on. fc2 in float32 keeps the rest in
-    int8 at the fast kernels' speed.
+    Why: Inductor fuses an addition that follows an int8 linear into the linear (oneDNN's binary
+    post-op). After fc2 the residual is the local convolution's output seen as tokens, a
+    transposed view, and for a transposed post-op operand oneDNN has only its reference int8
+    matmul (``ref_int8`` with ``binary_add:f32:3:ba`` in ONEDNN_VERBOSE): 1-4 s per fc2 call at
+    256 px on the AMX machine instead of a fraction of a millisecond. A contiguous copy of the
+    residual inserted in the graph did not change the layout Inductor passed on; a subtraction
+    of the negated output is not matched by the fusion, so fc2 runs as a plain int8 linear (the
+    fast kernel) and the negation and subtraction become one elementwise pass. Same value: x - (-y)
+    equals x + y exactly in floating point.
     """
-
     if not isinstance(encoder, TinyViT):
-        return []
-    return [name for name, m in encoder.named_modules() if name.endswith("mlp.fc2") and isinstance(m, nn.Linear)]
+        return 0
+    weights = {f"{name}.weight" for name, m in encoder.named_modules()
+               if name.endswith("mlp.fc2") and isinstance(m, nn.Linear)}
+    graph, aten, count = graph_module.graph, torch.ops.aten, 0
+    for node in list(graph.nodes):
+        if not (node.op == "call_function" and node.target == aten.linear.default
+                and getattr(node.args[1], "target", None) in weights):
+            continue
+        out = node
+        while len(out.users) == 1 and next(iter(out.users)).target == aten.dropout.default:  # identity in eval
+            out = next(iter(out.users))
+        for add in [u for u in out.users if u.target == aten.add.Tensor and len(u.args) == 2 and not u.kwargs]:
+            other = add.args[0] if add.args[1] is out else add.args[1]
+            with graph.inserting_before(add):
+                sub = graph.call_function(aten.sub.Tensor, (other, graph.call_function(aten.neg.default, (out,))))
+            add.replace_all_uses_with(sub)
+            graph.erase_node(add)
+            count += 1
+    graph.lint()
+    graph_module.recompile()
+    return count
 
 
 @torch.no_grad()
@@ -195,10 +216,9 @@ def pt2e_int8_encoder(sam: nn.Module, calibration: Images, *, warm_up: bool = Tr
     inputs = [preprocess(sam, a) for a in arrays]
     encoder = copy.deepcopy(sam.image_encoder).eval()
     exported = torch.export.export(encoder, (inputs[0],)).module()
+    _residual_adds_apart(exported, encoder)
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-    for name in _float_linears(encoder):
-        quantizer.set_module_name_qconfig(name, None)
     observed = prepare_pt2e(exported, quantizer)
     for x in inputs:
         observed(x)
