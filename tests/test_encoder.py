@@ -47,11 +47,11 @@ def test_pieces_equal_whole_image(monkeypatch, image_size, strip_bytes):
     model.load_state_dict(perturbed_state_dict(model.state_dict(), seed=2))
     x = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(common, "PIECES_MAX_THREADS", 1 << 10)  # pieces at any thread count
-    strips, groups = _Spy(tiny_vit._in_strips), _Spy(common.in_row_groups)
-    monkeypatch.setattr(tiny_vit, "_in_strips", strips)
+    strips, groups = _Spy(tiny_vit.in_strips), _Spy(common.in_row_groups)
+    monkeypatch.setattr(tiny_vit, "in_strips", strips)
     monkeypatch.setattr(common, "in_row_groups", groups)
     if strip_bytes is not None:
-        monkeypatch.setattr(tiny_vit, "_STRIP_BYTES", strip_bytes)
+        monkeypatch.setattr(common, "STRIP_BYTES", strip_bytes)
         monkeypatch.setattr(common, "ROW_GROUP", 1000)
     with torch.no_grad():
         pieces = model.image_encoder(x)
@@ -61,7 +61,7 @@ def test_pieces_equal_whole_image(monkeypatch, image_size, strip_bytes):
         assert groups.calls and all(x_.numel() > common.ROW_GROUP * x_.shape[-1] for (_, x_, *_), _ in groups.calls)
         strips.calls.clear()
         groups.calls.clear()
-        monkeypatch.setattr(tiny_vit, "_STRIP_BYTES", 1 << 40)
+        monkeypatch.setattr(common, "STRIP_BYTES", 1 << 40)
         monkeypatch.setattr(common, "ROW_GROUP", 1 << 30)
         whole = model.image_encoder(x)
         assert not strips.calls and not groups.calls  # and the reference really is whole

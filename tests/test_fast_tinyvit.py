@@ -81,6 +81,41 @@ def test_fp32_functions_equal_reference(onednn, window):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stage0_strips_equal_whole(onednn, monkeypatch, dtype):
+    """The fused MBConv and first merge in strips of rows (_fast_tinyvit.STRIP_BYTES) against the
+    same fused functions on the whole feature map. Contract: every output value is
+    computed from the same inputs by the same operations, but by kernel calls of other shapes,
+    which may add a sum's terms in another order: float32 within the reordering bound
+    (K = the hidden width); bf16 (one rounding per kernel) within 2 bf16 steps of the largest
+    value, as a different fp32 sum can round to the neighbouring bf16 value and the next kernel
+    carries that on. Strips of 8 rows of a 32x32 map: first, middle and last strips (border rows
+    padded) and the stride-2 merge."""
+    from sam_drop_in.modeling import common
+
+    enc = _model(img_size=128).to(dtype)
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(3)).to(dtype)
+    stem = _fast_tinyvit.patch_embed(enc.patch_embed, x.contiguous(memory_format=torch.channels_last))
+    mb, merge = enc.layers[0].blocks[0], enc.layers[0].downsample
+    spy = []
+    monkeypatch.setattr(_fast_tinyvit, "in_strips", lambda *a, **k: spy.append(a[1]) or common.in_strips(*a, **k))
+    monkeypatch.setattr(_fast_tinyvit, "STRIP_BYTES", 1)  # the smallest strips, MIN_STRIP_ROWS rows
+    strips = (_fast_tinyvit.mbconv(mb, stem), _fast_tinyvit.patch_merging(merge, stem))
+    assert spy == [common.MIN_STRIP_ROWS] * 2 and stem.shape[2] == 32
+    monkeypatch.setattr(_fast_tinyvit, "STRIP_BYTES", 1 << 40)
+    whole = (_fast_tinyvit.mbconv(mb, stem), _fast_tinyvit.patch_merging(merge, stem))
+    assert len(spy) == 2
+    for got, want in zip(strips, whole):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        if dtype == torch.float32:
+            _close_fp32(got, want, k=4 * 16)
+        else:
+            atol = 2 * 2.0**-8 * float(want.float().abs().max())
+            torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=atol)
+    assert strips[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
 def test_bf16_encoder_no_farther_from_fp32_than_reference_bf16(onednn, monkeypatch):
     enc32 = _model()
     enc16 = _model().to(torch.bfloat16)

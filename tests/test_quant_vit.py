@@ -6,7 +6,6 @@ import dataclasses
 import json
 from functools import partial
 
-import numpy as np
 import pytest
 import torch
 from skimage import data

@@ -19,6 +19,10 @@ It computes the same mathematics as the reference forward, differently in these 
   so windows are un-partitioned once (reference: un-partition, then add).
 - BatchNorm is folded into each convolution, and the attention-bias table is gathered once per
   weights version and dtype and kept (:func:`attention_bias`).
+- Stage 0's MBConv blocks and the first merge run in strips of rows (``common.in_strips``, see
+  :data:`STRIP_BYTES`): the 32 MB hidden tensors at 1024 px become 8 MB strips that stay in cache
+  and, being under glibc's 32 MB mmap threshold, are not mapped fresh from the system (page
+  faults) at every call.
 
 Proof of equality: every output element is the same function of the same inputs; only rounding
 differs (fp32 accumulation everywhere, bf16 rounding at fewer points than the reference). Tests
@@ -37,13 +41,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, eager_inference, in_windows
+from .common import LayerNorm2d, eager_inference, in_strips, in_windows, strip_rows
 
 # ENABLED = False runs the reference path everywhere (tests and benchmarks compare the two in
 # one process); USE_ONEDNN = False runs this path's plain-PyTorch branch on a CPU where oneDNN
 # could run (tests).
 ENABLED = True
 USE_ONEDNN = True
+
+# Strips of stage 0 (and the first merge) of this many bytes of hidden activations, at every
+# thread count (unlike the float32 reference path's pieces, common.cache_pieces: one thread only).
+# Measured on the AMX machine, bf16 vit_t encoder at 1024 px, whole feature map / strips, medians
+# of 9 alternating calls in one process: 2 threads quiet 1.15x (4 MB strips 1.17x), 2 threads with
+# the second core kept busy by a pinned loop 1.07x (4 MB strips 0.99x: more parallel regions to
+# wait in), 1 thread 1.16x (4 MB); outputs bit-identical. More than 2 threads: not measured (the
+# regions added are a few dozen per image). A value of 1 << 40 turns strips off (tests).
+STRIP_BYTES = 8 << 20
 
 
 def applies(x: torch.Tensor, training: bool, *activations: nn.Module) -> bool:
@@ -112,14 +125,17 @@ def _cached(module: nn.Module, name: str, sources: Tuple[torch.Tensor, ...], com
     return cached[2]
 
 
-def conv(x: torch.Tensor, module, gelu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+def conv(x: torch.Tensor, module, gelu: bool = False, residual: Optional[torch.Tensor] = None,
+         padding: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """``Conv2d_BN`` ``module`` at inference (BatchNorm folded) on channels-last ``x``, then
-    ``+ residual`` and/or GELU (in that order), in one pass over the output; channels-last out."""
+    ``+ residual`` and/or GELU (in that order), in one pass over the output; channels-last out.
+    ``padding`` (rows, columns) replaces the convolution's own (strips pad rows themselves)."""
     c = module.c
+    padding = c.padding if padding is None else padding
     weight, bias = folded(module)
     x = x.contiguous(memory_format=torch.channels_last)
     if _onednn(x):
-        args = (list(c.padding), list(c.stride), list(c.dilation), c.groups)
+        args = (list(padding), list(c.stride), list(c.dilation), c.groups)
         if residual is not None:
             residual = residual.contiguous(memory_format=torch.channels_last)
             # oneDNN fuses only ReLU after a binary post-op: the GELU is a separate in-place pass.
@@ -128,7 +144,7 @@ def conv(x: torch.Tensor, module, gelu: bool = False, residual: Optional[torch.T
             return torch.ops.aten.gelu_(y) if gelu else y
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "gelu" if gelu else "none", [],
                                                        "none" if gelu else "")
-    y = F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+    y = F.conv2d(x, weight, bias, c.stride, padding, c.dilation, c.groups)
     if residual is not None:
         y = y.add_(residual)
     return torch.ops.aten.gelu_(y) if gelu else y
@@ -141,8 +157,26 @@ def attention_bias(attn) -> torch.Tensor:
     return _cached(attn, "_fast_bias", (p, idxs), lambda: p[:, idxs].unsqueeze(0))
 
 
+def _strip_conv(module, gelu: bool):
+    """``spatial`` for common.in_strips: the fused ``conv`` of ``module`` on a strip, with the
+    strip's border rows added as zeros and the convolution's own padding kept for the width."""
+    def spatial(h, top, bottom):
+        if top or bottom:
+            h = F.pad(h, (0, 0, top, bottom))
+        return conv(h, module, gelu=gelu, padding=(0, module.c.padding[1]))
+    return spatial
+
+
 def mbconv(block, x: torch.Tensor) -> torch.Tensor:
-    """``tiny_vit.MBConv`` at inference: three fused convolutions, the last with the residual."""
+    """``tiny_vit.MBConv`` at inference: three fused convolutions, the last with the residual.
+    In strips of rows when the 4x-wide hidden tensor is larger than STRIP_BYTES (stage 0): the
+    same operations on the same values, the hidden strips cache-sized."""
+    rows = strip_rows(x, block.hidden_chans, STRIP_BYTES)
+    if x.shape[2] > rows and block.conv2.c.stride == (1, 1):
+        return in_strips(x, rows, block.conv2.c,
+                         before=lambda part: conv(part, block.conv1, gelu=True),
+                         spatial=_strip_conv(block.conv2, gelu=True),
+                         after=lambda h, r0, r1: conv(h, block.conv3, gelu=True, residual=x[:, :, r0:r1]))
     h = conv(x, block.conv1, gelu=True)
     h = conv(h, block.conv2, gelu=True)
     return conv(h, block.conv3, gelu=True, residual=x)
@@ -158,9 +192,16 @@ def patch_merging(merge, x: torch.Tensor) -> torch.Tensor:
     if x.ndim == 3:
         h, w = merge.input_resolution
         x = x.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)  # channels-last view of the tokens
-    x = conv(x, merge.conv1, gelu=True)
-    x = conv(x, merge.conv2, gelu=True)
-    x = conv(x, merge.conv3)
+    rows = strip_rows(x, merge.out_dim, STRIP_BYTES)
+    if x.shape[2] > 2 * rows:  # the first merge (stride 2: output rows are half the input's)
+        x = in_strips(x, rows, merge.conv2.c,
+                      before=lambda part: conv(part, merge.conv1, gelu=True),
+                      spatial=_strip_conv(merge.conv2, gelu=True),
+                      after=lambda h, r0, r1: conv(h, merge.conv3))
+    else:
+        x = conv(x, merge.conv1, gelu=True)
+        x = conv(x, merge.conv2, gelu=True)
+        x = conv(x, merge.conv3)
     return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])  # a view: x is channels-last
 
 

@@ -10,7 +10,7 @@ Differences from the reference that do not change results:
   second ``eval()`` after loading; this module is right without it);
 - attention runs through ``scaled_dot_product_attention``;
 - at inference, BatchNorm is folded into its convolution, and the stage-0 blocks, the first
-  merge and the token MLPs work in cache-sized pieces with GELU in place (see _STRIP_BYTES);
+  merge and the token MLPs work in cache-sized pieces with GELU in place (see common.STRIP_BYTES);
 - at bf16 inference on CPU the blocks hand over to ``_fast_tinyvit`` (oneDNN kernels with the
   bias, GELU and residual fused, activations kept channels-last): same mathematics, rounded to
   bf16 fewer times; that module's docstring says what differs and how it is tested.
@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils import checkpoint as activation_checkpoint
 
 from . import _fast_tinyvit, common
-from .common import LayerNorm2d, activate_, attention, cache_pieces, eager_inference
+from .common import LayerNorm2d, activate_, attention, cache_pieces, eager_inference, in_strips, strip_rows
 
 
 class Conv2d_BN(nn.Sequential):
@@ -57,49 +57,15 @@ class Conv2d_BN(nn.Sequential):
         return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
 
 
-# Inference on one thread (common.cache_pieces) works on pieces whose intermediates stay in cache: the stage-0 blocks in strips of
-# rows (their 4x-expanded hidden tensor is 64 MB at 1024 px), the token MLPs in groups of
-# common.ROW_GROUP tokens.
-# Every output value is computed from the same inputs by the same kernels, and the results are
-# bit-identical to the whole-image computation (tested; strips of 1-2 rows made oneDNN pick other
-# kernels, ~5e-6 apart, hence the minimum). Measured on 2 cores: an MBConv block 189 -> 85 ms, a
-# stage-1 MLP 66 -> 39 ms.
-_STRIP_BYTES = 4 << 20
-_MIN_STRIP_ROWS = 8
-
-
-def _strip_rows(x: torch.Tensor, channels: int) -> int:
-    """Rows per strip so that a strip of ``channels`` channels at x's batch and width is _STRIP_BYTES."""
-    return max(_MIN_STRIP_ROWS, _STRIP_BYTES // (x.element_size() * x.shape[0] * x.shape[3] * channels))
-
-
-def _in_strips(x: torch.Tensor, rows: int, conv: Conv2d_BN, before, after) -> torch.Tensor:
-    """
-    ``after(conv(before(x)))`` at inference, computed in strips of ``rows`` output rows, where
-    ``before`` and ``after`` work pixel by pixel and ``conv`` is the one spatial (k x k, stride s)
-    convolution: each strip reads the input rows its kernel window covers, and zero padding is
-    added only at the image's own border, so every output value is what the whole-image
-    computation gives. ``after(h, r0, r1)`` receives the convolved strip of output rows r0..r1.
-    """
+def _padded_conv(conv: Conv2d_BN):
+    """``spatial`` for common.in_strips: ``conv`` (BatchNorm folded) on a strip, the strip first
+    zero-padded by the rows it is given (at the image's border) and the convolution's width
+    padding."""
     weight, bias = conv.folded()
     c = conv.c
-    (k, kw), (s, sw), (p, pw) = c.kernel_size, c.stride, c.padding
-    height = x.shape[2]
-    out_h = (height + 2 * p - k) // s + 1
-    out = None
-    for r0 in range(0, out_h, rows):
-        r1 = min(out_h, r0 + rows)
-        a, b = r0 * s - p, (r1 - 1) * s - p + k  # input rows read, before clipping to the image
-        h = before(x[:, :, max(a, 0) : min(b, height)])
-        h = F.pad(h, (pw, pw, max(-a, 0), max(b - height, 0)))
-        piece = after(F.conv2d(h, weight, bias, (s, sw), 0, c.dilation, c.groups), r0, r1)
-        if out is None:  # same layout as the pieces (channels-last in the encoder)
-            channels_last = piece.is_contiguous(memory_format=torch.channels_last) and not piece.is_contiguous()
-            out = torch.empty((piece.shape[0], piece.shape[1], out_h, piece.shape[3]), dtype=piece.dtype,
-                              device=piece.device,
-                              memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        out[:, :, r0:r1] = piece
-    return out
+    pw = c.padding[1]
+    return lambda h, top, bottom: F.conv2d(F.pad(h, (pw, pw, top, bottom)), weight, bias, c.stride, 0, c.dilation,
+                                           c.groups)
 
 
 class PatchEmbed(nn.Module):
@@ -146,7 +112,7 @@ class MBConv(nn.Module):
         if _fast_tinyvit.applies(x, self.training, self.act1, self.act2, self.act3):
             return _fast_tinyvit.mbconv(self, x)
         if not self.training and cache_pieces():
-            rows = _strip_rows(x, self.hidden_chans)
+            rows = strip_rows(x, self.hidden_chans)
             if x.shape[2] > rows and self.conv2.c.stride == (1, 1):
                 return self._forward_strips(x, rows)
         shortcut = x
@@ -158,9 +124,10 @@ class MBConv(nn.Module):
 
     def _forward_strips(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         (w1, b1), (w3, b3) = self.conv1.folded(), self.conv3.folded()
-        return _in_strips(
-            x, rows, self.conv2,
+        return in_strips(
+            x, rows, self.conv2.c,
             before=lambda part: activate_(self.act1, F.conv2d(part, w1, b1)),
+            spatial=_padded_conv(self.conv2),
             after=lambda h, r0, r1: activate_(self.act3, F.conv2d(activate_(self.act2, h), w3, b3).add_(x[:, :, r0:r1])),
         )
 
@@ -187,12 +154,13 @@ class PatchMerging(nn.Module):
         if x.ndim == 3:
             h, w = self.input_resolution
             x = x.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
-        rows = _strip_rows(x, self.out_dim)
+        rows = strip_rows(x, self.out_dim)
         if not self.training and cache_pieces() and x.shape[2] > 2 * rows:
             (w1, b1), (w3, b3) = self.conv1.folded(), self.conv3.folded()
-            x = _in_strips(
-                x, rows, self.conv2,
+            x = in_strips(
+                x, rows, self.conv2.c,
                 before=lambda part: activate_(self.act, F.conv2d(part, w1, b1)),
+                spatial=_padded_conv(self.conv2),
                 after=lambda h, r0, r1: F.conv2d(activate_(self.act, h), w3, b3),
             )
         else:
