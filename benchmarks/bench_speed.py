@@ -22,8 +22,9 @@ use the bf16 matmul rate measured in the same run.
 --busy-core times everything twice, quiet and then with a busy-loop process pinned to the last
 core this process may use (started and stopped by the benchmark, and ending by itself after
 --busy-seconds whatever happens): what a laptop or shared server does to a 2-thread run.
---ab-fused times the bf16 encoder with its fused CPU path (modeling/_fast_tinyvit.py) and with
-the reference forward, alternating, and reports the ratio.
+--ab-fused times the bf16 encoder with its fused CPU path (modeling/_fast_tinyvit.py), with that
+path's stage 0 on the whole feature map instead of strips, and with the reference forward,
+alternating, and reports the ratios.
 --compile adds "<mode>+compile" variants (torch.compile of the encoder and decoder through
 precision.optimize) and reports each one's first-call (compile) time.
 """
@@ -238,20 +239,24 @@ def bench_model(model_type: str, modes: List[str], args) -> Dict:
 
 
 def ab_fused_encoder(encoder, x, reps: int) -> Dict:
-    """The bf16 encoder with its fused CPU path (modeling/_fast_tinyvit.py) and with the reference
-    forward, alternating call by call in this process: medians and their ratio."""
+    """The bf16 encoder with its fused CPU path (modeling/_fast_tinyvit.py), the same path with
+    stage 0 on the whole feature map instead of strips (its STRIP_BYTES made huge), and the
+    reference forward, alternating call by call in this process: medians and their ratios."""
     from sam_drop_in.modeling import _fast_tinyvit
 
-    times = {"fused": [], "reference": []}
+    strip_bytes = _fast_tinyvit.STRIP_BYTES
+    variants = (("reference", False, strip_bytes), ("fused_whole", True, 1 << 40), ("fused", True, strip_bytes))
+    times = {name: [] for name, *_ in variants}
     try:
         for _ in range(max(reps, 3)):
-            for name, on in (("reference", False), ("fused", True)):
-                _fast_tinyvit.ENABLED = on
+            for name, on, size in variants:
+                _fast_tinyvit.ENABLED, _fast_tinyvit.STRIP_BYTES = on, size
                 times[name].append(timed(lambda: encoder(x), "cpu"))
     finally:
-        _fast_tinyvit.ENABLED = True
+        _fast_tinyvit.ENABLED, _fast_tinyvit.STRIP_BYTES = True, strip_bytes
     med = {k: median(v) for k, v in times.items()}
     return {"fused_s": med["fused"], "reference_s": med["reference"], "x_faster": med["reference"] / med["fused"],
+            "fused_whole_s": med["fused_whole"], "strips_x_faster": med["fused_whole"] / med["fused"],
             "runs": len(times["fused"])}
 
 
@@ -269,7 +274,8 @@ def print_report(res: Dict) -> None:
         if r.get("bf16_fused_ab"):
             a = r["bf16_fused_ab"]
             print(f"bf16 encoder, fused path vs reference forward (alternating, {a['runs']} each): "
-                  f"{a['fused_s']:.4f} s vs {a['reference_s']:.4f} s, {a['x_faster']:.2f}x")
+                  f"{a['fused_s']:.4f} s vs {a['reference_s']:.4f} s, {a['x_faster']:.2f}x; stage 0 in strips vs "
+                  f"whole: {a['fused_s']:.4f} s vs {a['fused_whole_s']:.4f} s, {a['strips_x_faster']:.2f}x")
         for name, sec in r["compile_first_call_s"].items():
             print(f"{name}: first set_image (compiles) {sec:.1f} s")
         if r["quality_mean_iou"]:
