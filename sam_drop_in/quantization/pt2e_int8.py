@@ -4,7 +4,10 @@ Inductor quantiser, lowered by Inductor to oneDNN's int8 kernels.
 Steps (``pt2e_int8_encoder``):
 
 1. ``torch.export`` of a copy of the float encoder at the input shape ``SamPredictor`` feeds it
-   (1x3xSxS, normalised and padded);
+   (1x3xSxS, normalised and padded); for TinyViT the copy's BatchNorms are folded into plain
+   convolutions first and each MLP's residual addition is rewritten in the graph
+   (``_fold_batchnorms``, ``_residual_adds_apart``: both keep every value and let Inductor run
+   those layers on its int8 kernels);
 2. ``prepare_pt2e`` with ``X86InductorQuantizer`` and its default static configuration: the
    convolutions (depthwise included) and linears get int8 weights (symmetric, per output
    channel) and uint8 activations (affine, per tensor, from observers); the quantiser also
