@@ -184,3 +184,28 @@ def test_vit_t_state_dict_layout_matches():
     assert sum(k.startswith("image_encoder.") for k in o) == 302
     assert all(o[k].shape == r[k].shape and o[k].dtype == r[k].dtype for k in r)
     assert sum(p.numel() for p in ours.parameters()) == 10_130_092
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_conv2d_bn_fuse_matches_mobile_sam(groups):
+    """``Conv2d_BN.fuse()`` as MobileSAM's: a plain convolution with the BatchNorm folded in.
+    Contract: same weights and statistics in both; the folded weight and bias agree to float32
+    rounding (we multiply by rsqrt, MobileSAM divides by sqrt: a few ulp), and the fused
+    convolution reproduces the module's own inference output to the reordering of one
+    3x3 x 8-channel sum."""
+    from mobile_sam.modeling.tiny_vit_sam import Conv2d_BN as RefConv2d_BN
+
+    from sam_drop_in.modeling.tiny_vit import Conv2d_BN
+
+    torch.manual_seed(0)
+    ours, ref = Conv2d_BN(8, 16, 3, 1, 1, groups=groups).eval(), RefConv2d_BN(8, 16, 3, 1, 1, groups=groups).eval()
+    ours.load_state_dict(perturbed_state_dict(ours.state_dict(), seed=3))
+    ref.load_state_dict(ours.state_dict())
+    got, want = ours.fuse(), ref.fuse()
+    assert type(got) is torch.nn.Conv2d and got.groups == want.groups == groups
+    torch.testing.assert_close(got.weight, want.weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got.bias, want.bias, rtol=1e-6, atol=1e-6)
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(got(x), ours(x), rtol=0, atol=1e-5)
+    assert ours.c.weight is not got.weight  # the module itself is unchanged

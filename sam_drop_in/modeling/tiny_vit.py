@@ -46,6 +46,19 @@ class Conv2d_BN(nn.Sequential):
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         return c.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
 
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` (with bias) computing this module's inference output: the weight
+        and bias of :meth:`folded`, in new parameters on this module's device and dtype (this
+        module is unchanged). MobileSAM's ``Conv2d_BN.fuse`` has the same name and result."""
+        c = self.c
+        weight, bias = self.folded()
+        conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
+                         bias=True, padding_mode=c.padding_mode, device=weight.device, dtype=weight.dtype)
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+        return conv
+
     def forward(self, x):
         if self.training:
             return self.bn(self.c(x))

@@ -150,10 +150,9 @@ class Pt2eImageEncoder(nn.Module):
         return state
 
 
-@torch.no_grad()
 def _fold_batchnorms(encoder: nn.Module) -> int:
-    """Replace, in place, every ``tiny_vit.Conv2d_BN`` of ``encoder`` (a copy) by a plain
-    ``nn.Conv2d`` holding the BatchNorm-folded weight and bias; returns how many.
+    """Replace, in place, every ``tiny_vit.Conv2d_BN`` of ``encoder`` (a copy) by its
+    ``fuse()``d plain ``nn.Conv2d`` (BatchNorm folded into weight and bias); returns how many.
 
     Why: at inference ``Conv2d_BN`` folds its BatchNorm into the weight inside its forward, so the
     exported graph convolves with a *computed* weight. The quantiser still marks it, but the
@@ -167,13 +166,7 @@ def _fold_batchnorms(encoder: nn.Module) -> int:
     for parent in list(encoder.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Conv2d_BN):
-                c = child.c
-                weight, bias = child.folded()
-                conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation,
-                                 c.groups, bias=True, padding_mode=c.padding_mode)
-                conv.weight.copy_(weight)
-                conv.bias.copy_(bias)
-                setattr(parent, name, conv)
+                setattr(parent, name, child.fuse())
                 count += 1
     return count
 

@@ -89,14 +89,9 @@ def _conv(conv: nn.Module, recipe: QuantRecipe, kind: str) -> nn.Module:
     if "conv" not in recipe.layers:
         return conv
     if isinstance(conv, tiny_vit.Conv2d_BN):
-        # BatchNorm folded in, as at inference: the integer weight is the folded one.
-        with torch.no_grad():
-            weight, bias = conv.folded()
-        c = conv.c
-    else:
-        weight, bias, c = conv.weight, conv.bias, conv
-    return QConv2d(weight, bias, c.stride, c.padding, c.dilation, c.groups, bits=recipe.weight_bits,
-                   act_bits=recipe.act_bits, act_kind=kind, quantize_input=True, sample_rows=recipe.max_search_rows)
+        conv = conv.fuse()  # BatchNorm folded in, as at inference: the integer weight is the folded one
+    return QConv2d(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                   bits=recipe.weight_bits, act_bits=recipe.act_bits, act_kind=kind, quantize_input=True, sample_rows=recipe.max_search_rows)
 
 
 def architecture(encoder: "tiny_vit.TinyViT") -> Dict:
