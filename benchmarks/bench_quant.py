@@ -6,11 +6,14 @@
     python benchmarks/bench_quant.py --model-type vit_b --calib-images 2 --max-search-rows 1024 --time-repeats 1
     python benchmarks/bench_quant.py --real --threads 2   # real int8 (torchao, ONNX Runtime) and bf16
     python benchmarks/bench_quant.py --real --threads 2 --runtimes torchao,bf16 --methods ""
+    python benchmarks/bench_quant.py --real --threads 2 --runtimes torchao,file_w8a8,file_w6a6 --methods ""
 
 --real times, alternating in one process (so a shared machine's load hits all alike), our
 PyTorch fp32 encoder (after precision.optimize(sam, "fp32"), eager) against (--runtimes) our
 bf16 eager encoder, the torchao PT2E int8 encoder (x86 Inductor quantiser, compiled with
-freezing; its build time includes the compile), and the encoder exported to ONNX and run by ONNX
+freezing; its build time includes the compile), the same int8 kernels running a saved quantised
+file's searched w8a8 / w6a6 scales (file_w8a8, file_w6a6: calibrated and saved once, loaded
+through sam_model_registry; the build time is the load and compile), and the encoder exported to ONNX and run by ONNX
 Runtime in fp32 and int8 (static QDQ for each --methods calibration method, and dynamic); and
 reports each one's embedding cosine and mean mask IoU against our fp32 on the evaluation
 photographs, and the files' sizes (torchao: the quantised graph's state dict as safetensors).
@@ -100,7 +103,9 @@ def main(argv=None) -> int:
                     help="--real: ONNX Runtime static calibration methods (empty: none)")
     ap.add_argument("--runtimes", default="torchao,onnxruntime,bf16",
                     help="--real: which to time against our fp32 eager encoder: torchao (PT2E int8, "
-                         "Inductor), onnxruntime (fp32, each --methods, dynamic), bf16 (our bf16 eager)")
+                         "Inductor, MinMax calibration), file_w8a8 / file_w6a6 (the same int8 kernels running a "
+                         "saved quantised file's searched scales), onnxruntime (fp32, each --methods, dynamic), "
+                         "bf16 (our bf16 eager)")
     ap.add_argument("--threads", type=int, default=0, help="--real: intra-op threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=3, help="--real: timed repetitions of each encoder")
     args = ap.parse_args(argv)
@@ -229,6 +234,29 @@ def real_int8(args) -> int:
         save_file({k: v.contiguous() for k, v in encoders["torchao_int8"].graph.state_dict().items()}, qpath)
         sizes["torchao_int8"] = os.path.getsize(qpath)
         print(f"built torchao_int8 in {build_s['torchao_int8']:.1f} s (export, calibrate, convert, compile)", flush=True)
+    for recipe in [r[len("file_"):] for r in sorted(runtimes) if r.startswith("file_")]:
+        # The saved-file route: calibrate the simulated recipe once and save it (what
+        # `sam-drop-in quantize` does), load the file through the registry, and build the int8
+        # encoder from its scales (export, convert, compile: no calibration).
+        from sam_drop_in import sam_model_registry
+        from sam_drop_in.quantization.pt2e_int8 import pt2e_int8_encoder
+
+        name = f"torchao_{recipe}_from_file"
+        t0 = time.perf_counter()
+        qsam = copy.deepcopy(sam)
+        qsam.image_encoder = quantization.calibrate(sam, calib, recipe)
+        calib_s = time.perf_counter() - t0
+        fpath, epath = os.path.join(tmp, f"{recipe}.safetensors"), os.path.join(tmp, f"{recipe}_encoder.safetensors")
+        quantization.save_quantized(qsam, fpath)
+        quantization.save_quantized(qsam.image_encoder, epath)  # encoder only: the size beside the fp32 encoder's
+        sizes[name] = os.path.getsize(epath)
+        del qsam
+        t0 = time.perf_counter()
+        loaded = sam_model_registry[args.model_type](checkpoint=fpath)
+        encoders[name] = pt2e_int8_encoder(loaded)  # its scales; export, convert, compile
+        build_s[name] = time.perf_counter() - t0
+        build_s[f"{recipe}_calibration"] = calib_s
+        print(f"built {name} in {build_s[name]:.1f} s from the file (calibration and search, once: {calib_s:.1f} s)", flush=True)
     ort_methods = [m for m in args.methods.split(",") if m] + ["dynamic"] if "onnxruntime" in runtimes else []
     if "onnxruntime" in runtimes:
         path = os.path.join(tmp, "ort_fp32.onnx")

@@ -26,6 +26,12 @@ Modes:
       else ``"onnxruntime"``. Why: measured on an AMX CPU (docs/quantization.md) the PT2E route
       is the faster one, and the ONNX Runtime route is the one that works without images.
 
+    A model whose image encoder is already quantised -- loaded from a file written by
+    ``sam-drop-in quantize`` / ``quantization.save_quantized``, or after ``mode="w8a8"`` /
+    ``"w6a6"`` -- takes ``"int8"`` without images: the torchao route runs its searched integer
+    weights and activation scales (w6a6 as 6-bit codes in the int8 kernels), so calibration runs
+    once, when the file is made, and loading costs only the compile.
+
     The mask decoder stays float32: it is small (4M parameters, a few ms per prompt) and its
     outputs are the masks themselves.
   - ``"w8a8"`` / ``"w6a6"``: the calibrated *simulated* ("fake-quant") encoder of
@@ -122,7 +128,8 @@ def optimize(
         raise ValueError(f"int8_runtime must be one of {list(_INT8_RUNTIMES)}, got {int8_runtime!r}.")
     if int8_runtime != "auto" and mode != "int8":
         raise ValueError(f"int8_runtime applies to mode='int8' only, not mode={mode!r}; drop it.")
-    if int8_runtime == "torchao" and calibration is None:
+    quantized = _has_quantized_encoder(model)
+    if int8_runtime == "torchao" and calibration is None and not quantized:
         raise ValueError(
             "int8_runtime='torchao' is static quantisation and needs calibration images: pass "
             "calibration='a_folder_of_images/' or a list of HxWx3 uint8 arrays, or use "
@@ -132,7 +139,8 @@ def optimize(
         if not isinstance(getattr(model, name, None), nn.Module):
             raise ValueError(f"optimize() expects a SAM model with an `{name}` submodule, got {type(model).__name__}.")
     done = getattr(model, _ATTR, None)
-    if done is not None:
+    # A simulated model (w8a8/w6a6, for accuracy) may go on to real int8 with the same scales.
+    if done is not None and not (mode == "int8" and done[0] in _SIMULATED and quantized):
         if done == (mode, compile):
             return model
         raise ValueError(
@@ -162,6 +170,23 @@ def optimize(
                 f"mode={mode!r} (simulated quantisation, for accuracy studies) is set up on CPU here but the "
                 f"model is on {device.type}; calibrate on CPU, or on CUDA use mode='bf16' or mode='fp16'."
             )
+    elif quantized and mode == "int8":
+        if calibration is not None:
+            raise ValueError(
+                "this model's image encoder is already quantised (a quantised file, or mode='w8a8'/'w6a6'): "
+                "mode='int8' runs its scales without calibration images; drop calibration=, or build a float "
+                "model to calibrate anew."
+            )
+        if int8_runtime == "onnxruntime":
+            raise ValueError(
+                "int8_runtime='onnxruntime' quantises a float encoder; this model's encoder is already quantised. "
+                "Use int8_runtime='auto' or 'torchao' (which run its scales), or load the float checkpoint."
+            )
+    elif quantized and mode != "fp32":
+        raise ValueError(
+            f"this model's image encoder is quantised (simulated); mode={mode!r} needs a float model: load the "
+            "float checkpoint, or use mode='int8' to run the quantised encoder's scales on int8 kernels."
+        )
     elif calibration is not None and mode != "int8":
         raise ValueError(
             f"calibration images are used by modes 'int8', 'w8a8' and 'w6a6', not by mode={mode!r}; "
@@ -179,7 +204,7 @@ def optimize(
         _reduce_precision(model, _DTYPES[mode])
     elif mode == "int8":
         # Built from the float encoder before it is replaced; a failure leaves the model as it was.
-        if _int8_runtime(int8_runtime, calibration) == "torchao":
+        if quantized or _int8_runtime(int8_runtime, calibration) == "torchao":
             model.image_encoder = pt2e_int8_encoder(model, calibration)
         else:
             model.image_encoder = int8_image_encoder(model, calibration)
@@ -189,6 +214,14 @@ def optimize(
         _compile_parts(model, mode, device)
     setattr(model, _ATTR, (mode, compile))
     return model
+
+
+def _has_quantized_encoder(model: nn.Module) -> bool:
+    """Whether ``model.image_encoder`` is a simulated quantised encoder (QuantizedTinyViT /
+    QuantizedViT): from a quantised file, or ``mode="w8a8"``/``"w6a6"``."""
+    from .quantization.fake_quant import QuantizedEncoder
+
+    return isinstance(getattr(model, "image_encoder", None), QuantizedEncoder)
 
 
 def _int8_runtime(requested: str, calibration: Any) -> str:

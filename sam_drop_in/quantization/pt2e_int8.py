@@ -19,6 +19,13 @@ Steps (``pt2e_int8_encoder``):
    lowered to oneDNN ``qconv``/``qlinear`` (u8 x s8 products with int32 accumulation, on
    AVX-512 VNNI / AMX-INT8 where the CPU has them, on AVX2 otherwise), the weights prepacked.
 
+From an already quantised encoder (``quantization.calibrate``'s, or one loaded from a file that
+``sam-drop-in quantize`` wrote) step 3 is replaced: the exported encoder computes with that
+encoder's dequantised weights and every observer is fixed to its searched parameters
+(``_set_observers_from``), so the file's integer weight codes are what the int8 kernels multiply
+and no image is needed; 6-bit settings run as 6-bit codes in the same int8 kernels
+(``_clamp_narrow_ranges``).
+
 The compile runs once, in ``pt2e_int8_encoder`` (a warm-up call on the first calibration
 image), so that a failure (no C++ compiler, an unsupported torch) surfaces there and the
 caller's model is left as it was. Attention products (both operands activations), softmax,
@@ -33,7 +40,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Dict, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -84,6 +91,10 @@ class Pt2eImageEncoder(nn.Module):
       graph (torch.fx.GraphModule): the output of ``convert_pt2e`` for a 1x3xSxS input.
       img_size (int): S.
 
+      quantized (str): how it was quantised: "int8-static-pt2e-x86-inductor" (calibrated here,
+        MinMax), or "<recipe>-pt2e-x86-inductor" (e.g. "w8a8-...", "w6a6-...": the searched scales
+        of a ``quantization.calibrate`` / saved quantised model).
+
     Attributes:
       img_size (int): the input side S, like the float encoders'.
       graph (torch.fx.GraphModule): the quantised graph (int8 weights and their scales are its
@@ -95,11 +106,12 @@ class Pt2eImageEncoder(nn.Module):
     pickled and rebuilt at the copy's first call (compiled again: tens of seconds).
     """
 
-    def __init__(self, graph: torch.fx.GraphModule, img_size: int) -> None:
+    def __init__(self, graph: torch.fx.GraphModule, img_size: int,
+                 quantized: str = "int8-static-pt2e-x86-inductor") -> None:
         super().__init__()
         self.graph = graph
         self.img_size = int(img_size)
-        self.quantized = "int8-static-pt2e-x86-inductor"
+        self.quantized = quantized
         self._compiled = None
 
     def _get_compiled(self):
@@ -209,52 +221,267 @@ def _residual_adds_apart(graph_module: torch.fx.GraphModule, encoder: nn.Module)
     return count
 
 
+def _is_quantized_encoder(module: nn.Module) -> bool:
+    """A simulated quantised encoder (``quantization.calibrate`` / a saved quantised file)."""
+    from .fake_quant import QuantizedEncoder
+
+    return isinstance(module, QuantizedEncoder)
+
+
+def _dequantized_encoder(qenc: nn.Module) -> nn.Module:
+    """The float encoder that computes with ``qenc``'s weights as their integer codes times their
+    scales (``q * s``): a fresh float encoder of ``qenc.arch`` (TinyViT with its BatchNorms folded,
+    as the quantised convolutions hold the folded weights) loaded strictly, so a layer missing
+    from either side is an error rather than a random weight. Every other tensor (LayerNorms,
+    attention biases, position embeddings) is ``qenc``'s float one.
+    """
+    from .fake_quant import ActQuant, QuantLayer
+    from .io import _encoder_module
+
+    arch = dict(qenc.arch)
+    kind = arch.get("kind", "tiny_vit")
+    encoder = _encoder_module(kind).float_from_arch(arch)
+    if kind == "tiny_vit":
+        _fold_batchnorms(encoder)
+        encoder.norm_head, encoder.head = nn.Identity(), nn.Identity()  # unused by SAM, dropped by the quantiser
+    body = qenc.body
+    owned = [name for name, m in body.named_modules() if isinstance(m, (QuantLayer, ActQuant))]
+    state = {k: v for k, v in body.state_dict().items()
+             if not any(k.startswith(name + ".") for name in owned)}
+    for name, m in body.named_modules():
+        if isinstance(m, QuantLayer):
+            state[f"{name}.weight"] = m.weight()
+            if m.bias is not None:
+                state[f"{name}.bias"] = m.bias
+    encoder.load_state_dict(state, strict=True)
+    return encoder
+
+
+def _activation_qparams(quant: nn.Module):
+    """(scale, zero_point, quant_min, quant_max) of a per-tensor affine unsigned range carrying a
+    simulated activation quantiser (``fake_quant.ActQuant``) onto an int8 kernel's input.
+
+    Uniform quantisers map exactly. A post-GELU twin uniform pair (negatives on the fine step,
+    positives on the coarse one) has no int8 kernel, so it becomes one unsigned range from the
+    fine range's lowest value to the coarse range's highest, on 2**b codes: for 8 bits a step of
+    about half the coarse one (the negative part is small), i.e. at least as fine on the positives
+    and coarser on the negatives than the simulated pair.
+    """
+    bits = quant.bits
+    codes = 2**bits - 1
+    if quant.kind == "uniform":
+        return float(quant.scale), int(quant.zero_point), 0, codes
+    if quant.kind != "twin_gelu":
+        raise ValueError(f"an int8 kernel's input cannot take a {quant.kind} quantiser")
+    top = 2 ** (bits - 1) - 1
+    lo, hi = -top * float(quant.fine_scale), top * float(quant.scale)
+    scale = (hi - lo) / codes
+    return scale, int(round(-lo / scale)), 0, codes
+
+
+def _fixed_observer(like: nn.Module, scale, zero_point, quant_min: int, quant_max: int):
+    """An observer (torchao's ObserverBase) that reports the given quantisation parameters
+    instead of measuring any: ``convert_pt2e`` reads dtype, qscheme (and ch_axis) from ``like``,
+    the observer it replaces, so the quantiser's choices (uint8 per-tensor activations, int8
+    per-channel weights) stay and only the numbers are ours."""
+    from torchao.quantization.pt2e.observer import ObserverBase
+
+    class _Fixed(ObserverBase):
+        def __init__(self):
+            super().__init__(dtype=like.dtype, is_dynamic=False)
+            self.qscheme = like.qscheme
+            if hasattr(like, "ch_axis"):
+                self.ch_axis = like.ch_axis
+            self.quant_min, self.quant_max = int(quant_min), int(quant_max)
+            self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(-1).clone())
+            self.register_buffer("zero_point", torch.as_tensor(zero_point, dtype=torch.int32).reshape(-1).clone())
+
+        def forward(self, x):
+            return x
+
+        def calculate_qparams(self):
+            return self.scale, self.zero_point
+
+    return _Fixed()
+
+
+def _set_observers_from(observed: torch.fx.GraphModule, qenc: nn.Module) -> Dict[str, int]:
+    """Replace every observer ``prepare_pt2e`` put in ``observed`` (the graph of
+    ``_dequantized_encoder(qenc)``) by one fixed to ``qenc``'s parameters; returns the counts.
+
+    A weight observer (its input is a ``get_attr`` of ``<layer>.weight``) gets the layer's
+    per-channel weight scales and the recipe's signed range ([-2**(b-1), 2**(b-1)-1]), so that
+    ``convert_pt2e`` recovers the layer's integer codes exactly. An activation observer feeds one
+    convolution or linear, whose weight names the layer; it gets that layer's input quantiser
+    (``_activation_qparams``). Anything else (an observer with no such layer) is an error: its
+    range would be a guess.
+    """
+    from torchao.quantization.pt2e.observer import ObserverBase
+
+    from .fake_quant import QuantLayer
+
+    layers = {name: m for name, m in qenc.body.named_modules() if isinstance(m, QuantLayer)}
+    products = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+
+    def layer_of(weight_node) -> nn.Module:
+        if weight_node.op == "call_module":  # the weight's own observer
+            weight_node = weight_node.args[0]
+        name = str(weight_node.target).rpartition(".")[0] if weight_node.op == "get_attr" else None
+        if name not in layers:
+            raise RuntimeError(f"the int8 graph has a quantised layer ({weight_node}) that the quantised "
+                               "encoder does not quantise; recalibrate with a recipe that quantises every "
+                               "convolution and linear")
+        return layers[name]
+
+    counts = {"weights": 0, "activations": 0}
+    for node in list(observed.graph.nodes):
+        if node.op != "call_module" or not isinstance(getattr(observed, node.target), ObserverBase):
+            continue
+        old, src = getattr(observed, node.target), node.args[0]
+        if src.op == "get_attr":
+            layer = layer_of(src)
+            n = 2 ** (layer.bits - 1)
+            new = _fixed_observer(old, layer.weight_scale, torch.zeros(layer.weight_scale.shape, dtype=torch.int32), -n, n - 1)
+            counts["weights"] += 1
+        else:
+            users = [u for u in node.users if u.target in products and u.args[0] is node]
+            if len(users) != 1:
+                raise RuntimeError(f"an activation quantised in the int8 graph ({src}) does not feed exactly one "
+                                   "convolution or linear; its range cannot be taken from the quantised encoder")
+            quant = layer_of(users[0].args[1]).input_quant
+            if quant is None:
+                raise RuntimeError(f"the layer fed by {src} has no input quantiser in the quantised encoder")
+            new = _fixed_observer(old, *_activation_qparams(quant))
+            counts["activations"] += 1
+        setattr(observed, node.target, new)
+    return counts
+
+
+def _clamp_narrow_ranges(graph_module: torch.fx.GraphModule) -> int:
+    """Before each activation quantisation to fewer codes than its dtype has (6-bit codes in
+    uint8: [0, 63]), clamp the float input to the range's ends; returns how many clamps.
+
+    Why: Inductor fuses an activation's quantisation into the int8 operation that produces it and
+    then saturates to the dtype's limits ([0, 255]), ignoring the quantisation's own range; the
+    clamp keeps every code in [quant_min, quant_max] as the simulated model computes it. (It also
+    keeps that producer's output in float32, costing one elementwise pass; 8-bit ranges get none.)
+    """
+    graph, count = graph_module.graph, 0
+    quantize = torch.ops.quantized_decomposed.quantize_per_tensor.default
+    full = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+    for node in list(graph.nodes):
+        if node.target != quantize:
+            continue
+        x, scale, zp, qmin, qmax, dtype = node.args[:6]
+        if full.get(dtype) == (qmin, qmax):
+            continue
+        with graph.inserting_before(node):
+            clamped = graph.call_function(torch.ops.aten.clamp.default, (x, (qmin - zp) * scale, (qmax - zp) * scale))
+        node.replace_input_with(x, clamped)
+        count += 1
+    graph.lint()
+    graph_module.recompile()
+    return count
+
+
+def _compile_now(result: Pt2eImageEncoder, x: torch.Tensor) -> None:
+    """Run ``result`` once so that Inductor compiles now; its failure becomes a RuntimeError that
+    says what to do."""
+    try:
+        result(x)
+    except Exception as e:  # Inductor's failures come as several types (C++ build, lowering)
+        raise RuntimeError(
+            "Inductor could not compile the int8 encoder (it needs a C++ compiler, e.g. g++, on PATH): "
+            f"{type(e).__name__}: {e}. Install one, or use optimize(sam, 'int8', calibration=..., "
+            "int8_runtime='onnxruntime') on the float model."
+        ) from e
+
+
 @torch.no_grad()
-def pt2e_int8_encoder(sam: nn.Module, calibration: Images, *, warm_up: bool = True) -> Pt2eImageEncoder:
+def pt2e_int8_encoder(sam: nn.Module, calibration: Optional[Images] = None, *, warm_up: bool = True) -> Pt2eImageEncoder:
     """``sam``'s image encoder statically quantised to int8 with torchao's PT2E flow and the x86
     Inductor quantiser, compiled and ready to run on CPU (see the module docstring).
 
+    Two sources of the quantisation parameters:
+
+    - a float model and ``calibration`` images: MinMax ranges observed on the images;
+    - a model whose image encoder is already quantised (``quantization.calibrate``, or a file
+      saved by ``save_quantized`` / ``sam-drop-in quantize`` and loaded through
+      ``sam_model_registry``), without images: its searched parameters are executed, each
+      layer's integer weight codes and scales exactly (w8a8, or w6a6 with 6-bit codes in the int8
+      kernels), each input quantiser's scale and zero point (a post-GELU twin uniform pair becomes
+      one range: ``_activation_qparams``). No calibration runs: the encoder is exported, converted
+      and compiled (tens of seconds). The attention products, which the simulated model also
+      quantises, compute in float32 here.
+
     Arguments:
-      sam (Sam): any model type, float32, on CPU (not modified; its encoder is copied).
-      calibration (str, Path or list of np.ndarray): a folder of images or HxWx3 uint8 RGB
-        arrays (a handful of photographs like the ones you will segment); their activation
-        ranges (MinMax) set the int8 scales.
-      warm_up (bool): compile now (one call on the first calibration image) rather than at the
-        first use, so a compile failure surfaces here. Tests that only check the graph pass False.
+      sam (Sam): any model type, on CPU (not modified; its encoder is copied): float32, or with a
+        quantised encoder (QuantizedTinyViT / QuantizedViT whose recipe quantises every
+        convolution and linear).
+      calibration (str, Path, list of np.ndarray or None): a float model's calibration images, a
+        folder of images or HxWx3 uint8 RGB arrays (a handful of photographs like the ones you
+        will segment); must be None for a quantised encoder (its scales are already chosen).
+      warm_up (bool): compile now (one call) rather than at the first use, so a compile failure
+        surfaces here. Tests that only check the graph pass False.
 
     Returns:
       (Pt2eImageEncoder): use it as ``sam.image_encoder``.
 
-    Raises ImportError (naming the ``quant`` extra) without torchao; InputError for a model that
-    is not float32 on CPU, or bad calibration images; RuntimeError (with what to do) when
-    Inductor cannot compile the quantised encoder.
+    Raises ImportError (naming the ``quant`` extra) without torchao; InputError for a float model
+    that is not float32 on CPU, a float model without calibration images, a quantised one with
+    them, a quantised encoder whose recipe leaves convolutions or linears float, or bad
+    calibration images; RuntimeError (with what to do) when Inductor cannot compile the quantised
+    encoder.
     """
-    arrays = load_calibration_images(calibration)
+    qenc = sam.image_encoder if _is_quantized_encoder(sam.image_encoder) else None
+    if qenc is not None:
+        if calibration is not None:
+            raise InputError(
+                "this model's image encoder is already quantised (its scales were searched at calibration); "
+                "build the int8 encoder without calibration images, or pass a float model to calibrate anew."
+            )
+        missing = {"conv", "linear"} - set(qenc.recipe.layers)
+        if missing:
+            raise InputError(f"the quantised encoder's recipe {qenc.recipe.name!r} leaves the {sorted(missing)} layers "
+                             "float, so some int8 scales are missing; calibrate with a recipe that quantises them.")
+        if any(getattr(m, "float_weight", None) is not None for m in qenc.quant_modules()):
+            raise InputError("the quantised encoder is not calibrated yet; run quantization.calibrate first.")
+    elif calibration is None:
+        raise InputError(
+            "static int8 quantisation needs calibration images for a float model: pass "
+            "calibration='a_folder_of_images/' or a list of HxWx3 uint8 arrays, or a model with a quantised "
+            "encoder (loaded from a file written by `sam-drop-in quantize`)."
+        )
+    arrays = load_calibration_images(calibration) if qenc is None else []
     prepare_pt2e, convert_pt2e, xiq = _torchao()
-    param = next(sam.image_encoder.parameters(), None)
-    if param is None or param.dtype != torch.float32 or param.device.type != "cpu":
+    param = next(sam.image_encoder.parameters(), None) if qenc is None else next(qenc.buffers(), None)
+    if param is None or param.device.type != "cpu" or (qenc is None and param.dtype != torch.float32):
         raise InputError(
             "the int8 encoder is built from a float32 image encoder on CPU (a model fresh from "
             "sam_model_registry); quantise before any other change of precision or device."
         )
-    inputs = [preprocess(sam, a) for a in arrays]
-    encoder = copy.deepcopy(sam.image_encoder).eval()
-    _fold_batchnorms(encoder)
+    size = sam.image_encoder.img_size
+    inputs = [preprocess(sam, a) for a in arrays] or [torch.zeros(1, 3, size, size)]
+    if qenc is None:
+        encoder = copy.deepcopy(sam.image_encoder).eval()
+        _fold_batchnorms(encoder)
+    else:
+        encoder = _dequantized_encoder(qenc)
     exported = torch.export.export(encoder, (inputs[0],)).module()
     _residual_adds_apart(exported, encoder)
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
     observed = prepare_pt2e(exported, quantizer)
-    for x in inputs:
-        observed(x)
-    result = Pt2eImageEncoder(convert_pt2e(observed), sam.image_encoder.img_size)
+    if qenc is None:
+        for x in inputs:
+            observed(x)
+        label = "int8-static-pt2e-x86-inductor"
+    else:
+        _set_observers_from(observed, qenc)
+        label = f"{qenc.recipe.name}-pt2e-x86-inductor"
+    graph = convert_pt2e(observed)
+    _clamp_narrow_ranges(graph)
+    result = Pt2eImageEncoder(graph, size, quantized=label)
     if warm_up:
-        try:
-            result(inputs[0])
-        except Exception as e:  # Inductor's failures come as several types (C++ build, lowering)
-            raise RuntimeError(
-                "Inductor could not compile the int8 encoder (it needs a C++ compiler, e.g. g++, on PATH): "
-                f"{type(e).__name__}: {e}. Install one, or use optimize(sam, 'int8', calibration=..., "
-                "int8_runtime='onnxruntime')."
-            ) from e
+        _compile_now(result, inputs[0])
     return result

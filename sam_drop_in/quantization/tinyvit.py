@@ -168,10 +168,15 @@ def arch_json(arch: Dict) -> str:
 def build_from_arch(arch: Dict, recipe: QuantRecipe) -> QuantizedTinyViT:
     """An uncalibrated QuantizedTinyViT of the given architecture (weights to be loaded); a
     missing ``kind`` means tiny_vit (files written before the ViT encoders were supported)."""
+    return QuantizedTinyViT(float_from_arch(arch), recipe)
+
+
+def float_from_arch(arch: Dict) -> "tiny_vit.TinyViT":
+    """A float TinyViT of the given architecture (``architecture()``'s dict; ``kind``, when
+    present, must be "tiny_vit"), random weights, eval mode."""
     arch = dict(arch)
     kind = arch.pop("kind", "tiny_vit")
     if kind != "tiny_vit":
-        raise ValueError(f"build_from_arch of quantization.tinyvit rebuilds 'tiny_vit' encoders, got kind {kind!r}")
-    encoder = tiny_vit.TinyViT(num_classes=0, drop_path_rate=0.0, **arch)
-    return QuantizedTinyViT(encoder, recipe)
+        raise ValueError(f"quantization.tinyvit rebuilds 'tiny_vit' encoders, got kind {kind!r}")
+    return tiny_vit.TinyViT(num_classes=0, drop_path_rate=0.0, **arch).eval()
 

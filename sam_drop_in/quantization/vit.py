@@ -210,15 +210,20 @@ def build_from_arch(arch: Dict, recipe: QuantRecipe) -> QuantizedViT:
       (QuantizedViT): zero weight codes and identity quantisers until a state dict is loaded and
         the layers finalised.
     """
+    return QuantizedViT(float_from_arch(arch), recipe)
+
+
+def float_from_arch(arch: Dict) -> "image_encoder.ImageEncoderViT":
+    """A float ImageEncoderViT of the given architecture (``architecture()``'s dict; ``kind``,
+    when present, must be "vit"), random weights, eval mode."""
     arch = dict(arch)
     kind = arch.pop("kind", "vit")
     if kind != "vit":
-        raise ValueError(f"build_from_arch of quantization.vit rebuilds 'vit' encoders, got kind {kind!r}")
+        raise ValueError(f"quantization.vit rebuilds 'vit' encoders, got kind {kind!r}")
     eps, approximate = arch.pop("norm_eps"), arch.pop("gelu_approximate")
     arch["global_attn_indexes"] = tuple(arch["global_attn_indexes"])
-    encoder = image_encoder.ImageEncoderViT(norm_layer=partial(nn.LayerNorm, eps=eps),
-                                            act_layer=partial(nn.GELU, approximate=approximate), **arch)
-    return QuantizedViT(encoder, recipe)
+    return image_encoder.ImageEncoderViT(norm_layer=partial(nn.LayerNorm, eps=eps),
+                                         act_layer=partial(nn.GELU, approximate=approximate), **arch).eval()
 
 
-__all__ = ["QPatchConv2d", "QViTAttention", "QuantizedViT", "architecture", "build_from_arch"]
+__all__ = ["QPatchConv2d", "QViTAttention", "QuantizedViT", "architecture", "build_from_arch", "float_from_arch"]
