@@ -10,14 +10,19 @@ Steps (``pt2e_int8_encoder``):
    those layers on its int8 kernels);
 2. ``prepare_pt2e`` with ``X86InductorQuantizer`` and its default static configuration: the
    convolutions (depthwise included) and linears get int8 weights (symmetric, per output
-   channel) and uint8 activations (affine, per tensor, from observers); the quantiser also
+   channel) and uint8 activations (affine, per tensor, from observers; codes 0..127 instead of
+   0..255 where the CPU's int8 products saturate: ``int8_products_saturate``); the quantiser also
    quantises the inputs of the ops around them that oneDNN can fuse (additions, pooling);
 3. calibration: the calibration images, through ``SamPredictor``'s preprocessing (as the ONNX
-   Runtime route uses them), run through the observed graph (observers record MinMax ranges);
+   Runtime route uses them), run through the observed graph (the quantiser's default
+   activation observer, ``HistogramObserver``, chooses each range from a histogram of the
+   values to minimise the quantisation error; weights: per-channel min/max);
 4. ``convert_pt2e``: quantise/dequantise pairs around every quantised op, weights folded to int8;
 5. ``torch.compile`` with Inductor's freezing: the quantise/dequantise patterns are matched and
    lowered to oneDNN ``qconv``/``qlinear`` (u8 x s8 products with int32 accumulation, on
-   AVX-512 VNNI / AMX-INT8 where the CPU has them, on AVX2 otherwise), the weights prepacked.
+   AVX-512 VNNI / AMX-INT8 where the CPU has them, on AVX2 otherwise), the weights prepacked;
+   before that, ``_clamp_narrow_ranges`` keeps every activation code within its range where that
+   range is narrower than uint8's (7-bit or 6-bit codes).
 
 From an already quantised encoder (``quantization.calibrate``'s, or one loaded from a file that
 ``sam-drop-in quantize`` wrote) step 3 is replaced: the exported encoder computes with that
@@ -39,6 +44,7 @@ namespace.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
@@ -50,7 +56,7 @@ from .._errors import InputError
 from ..modeling.tiny_vit import Conv2d_BN, TinyViT
 from .calibrate import load_calibration_images, preprocess
 
-__all__ = ["Pt2eImageEncoder", "pt2e_int8_encoder", "torchao_available"]
+__all__ = ["Pt2eImageEncoder", "int8_products_saturate", "pt2e_int8_encoder", "torchao_available"]
 
 _INSTALL_HINT = (
     "the PyTorch int8 route needs torchao: pip install 'sam-drop-in[quant]' (or pick the ONNX Runtime "
@@ -92,8 +98,9 @@ class Pt2eImageEncoder(nn.Module):
       img_size (int): S.
 
       quantized (str): how it was quantised: "int8-static-pt2e-x86-inductor" (calibrated here,
-        MinMax), or "<recipe>-pt2e-x86-inductor" (e.g. "w8a8-...", "w6a6-...": the searched scales
-        of a ``quantization.calibrate`` / saved quantised model).
+        histogram observers), or "<recipe>-pt2e-x86-inductor" (e.g. "w8a8-...", "w6a6-...": the searched scales
+        of a ``quantization.calibrate`` / saved quantised model); "-a7" appended where the CPU's
+        int8 products saturate and activations were held to 7 bits (``int8_products_saturate``).
 
     Attributes:
       img_size (int): the input side S, like the float encoders'.
@@ -221,6 +228,40 @@ def _residual_adds_apart(graph_module: torch.fx.GraphModule, encoder: nn.Module)
     return count
 
 
+@functools.lru_cache(maxsize=None)
+def int8_products_saturate() -> bool:
+    """Whether oneDNN's u8 x s8 int8 products saturate in this process (CPUs without VNNI).
+
+    Without VNNI (AVX2 and AVX-512 machines before Cascade Lake, or oneDNN capped there with
+    ``ONEDNN_MAX_CPU_ISA``) oneDNN multiplies uint8 activations by int8 weights with
+    ``vpmaddubsw``, which adds each pair of products in int16 and saturates at 32767: two codes
+    of 255 x 127 (64770) come out as 32767. The answer comes from oneDNN itself: one int8 linear
+    of 255s times 127s, whose exact sum is known. Measured here: exact with AVX-512 VNNI / AMX,
+    saturated with oneDNN capped at AVX2 or AVX512_CORE.
+
+    Returns:
+      (bool): True when activations must stay within 7 bits (codes 0..127, whose pairs cannot
+        reach 32767) for int8 products to be exact; False with VNNI / AMX.
+    """
+    k = 64
+    x = torch.full((1, k), 255, dtype=torch.uint8)
+    packed = torch.ops.onednn.qlinear_prepack(torch.full((1, k), 127, dtype=torch.int8), [1, k])
+    out = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, torch.ones(1), torch.zeros(1, dtype=torch.int64), None,
+                                             1.0, 0, torch.float32, "none", [], "")
+    return float(out) != 255 * 127 * k
+
+
+def _within_seven_bits(scale: float, zero_point: int, quant_min: int, quant_max: int):
+    """The same float range as (scale, zero_point) on codes [quant_min, quant_max], requantised
+    onto 128 codes [0, 127] (for CPUs whose int8 products saturate: ``int8_products_saturate``);
+    ranges already within 128 codes are returned unchanged."""
+    if quant_max - quant_min <= 127:
+        return scale, zero_point, quant_min, quant_max
+    lo, hi = (quant_min - zero_point) * scale, (quant_max - zero_point) * scale
+    new = (hi - lo) / 127
+    return new, int(round(-lo / new)), 0, 127
+
+
 def _is_quantized_encoder(module: nn.Module) -> bool:
     """A simulated quantised encoder (``quantization.calibrate`` / a saved quantised file)."""
     from .fake_quant import QuantizedEncoder
@@ -305,7 +346,7 @@ def _fixed_observer(like: nn.Module, scale, zero_point, quant_min: int, quant_ma
     return _Fixed()
 
 
-def _set_observers_from(observed: torch.fx.GraphModule, qenc: nn.Module) -> Dict[str, int]:
+def _set_observers_from(observed: torch.fx.GraphModule, qenc: nn.Module, seven_bits: bool = False) -> Dict[str, int]:
     """Replace every observer ``prepare_pt2e`` put in ``observed`` (the graph of
     ``_dequantized_encoder(qenc)``) by one fixed to ``qenc``'s parameters; returns the counts.
 
@@ -313,8 +354,8 @@ def _set_observers_from(observed: torch.fx.GraphModule, qenc: nn.Module) -> Dict
     per-channel weight scales and the recipe's signed range ([-2**(b-1), 2**(b-1)-1]), so that
     ``convert_pt2e`` recovers the layer's integer codes exactly. An activation observer feeds one
     convolution or linear, whose weight names the layer; it gets that layer's input quantiser
-    (``_activation_qparams``). Anything else (an observer with no such layer) is an error: its
-    range would be a guess.
+    (``_activation_qparams``), requantised onto 7 bits with ``seven_bits`` (``_within_seven_bits``).
+    Anything else (an observer with no such layer) is an error: its range would be a guess.
     """
     from torchao.quantization.pt2e.observer import ObserverBase
 
@@ -351,7 +392,8 @@ def _set_observers_from(observed: torch.fx.GraphModule, qenc: nn.Module) -> Dict
             quant = layer_of(users[0].args[1]).input_quant
             if quant is None:
                 raise RuntimeError(f"the layer fed by {src} has no input quantiser in the quantised encoder")
-            new = _fixed_observer(old, *_activation_qparams(quant))
+            qparams = _activation_qparams(quant)
+            new = _fixed_observer(old, *(_within_seven_bits(*qparams) if seven_bits else qparams))
             counts["activations"] += 1
         setattr(observed, node.target, new)
     return counts
@@ -404,7 +446,7 @@ def pt2e_int8_encoder(sam: nn.Module, calibration: Optional[Images] = None, *, w
 
     Two sources of the quantisation parameters:
 
-    - a float model and ``calibration`` images: MinMax ranges observed on the images;
+    - a float model and ``calibration`` images: ranges observed on the images (histograms);
     - a model whose image encoder is already quantised (``quantization.calibrate``, or a file
       saved by ``save_quantized`` / ``sam-drop-in quantize`` and loaded through
       ``sam_model_registry``), without images: its searched parameters are executed, each
@@ -469,16 +511,21 @@ def pt2e_int8_encoder(sam: nn.Module, calibration: Optional[Images] = None, *, w
         encoder = _dequantized_encoder(qenc)
     exported = torch.export.export(encoder, (inputs[0],)).module()
     _residual_adds_apart(exported, encoder)
+    # Without VNNI int8 products saturate unless activations stay within 7 bits (PyTorch's
+    # reduce_range); _clamp_narrow_ranges then keeps the fused requantisations at 127 too.
+    seven_bits = int8_products_saturate()
     quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(reduce_range=seven_bits))
     observed = prepare_pt2e(exported, quantizer)
     if qenc is None:
         for x in inputs:
             observed(x)
         label = "int8-static-pt2e-x86-inductor"
     else:
-        _set_observers_from(observed, qenc)
+        _set_observers_from(observed, qenc, seven_bits)
         label = f"{qenc.recipe.name}-pt2e-x86-inductor"
+    if seven_bits and (qenc is None or qenc.recipe.act_bits > 7):  # 6-bit codes were within 7 bits already
+        label += "-a7"
     graph = convert_pt2e(observed)
     _clamp_narrow_ranges(graph)
     result = Pt2eImageEncoder(graph, size, quantized=label)
