@@ -232,7 +232,8 @@ def test_not_a_model_or_damaged(released, tmp_path):
 
 def test_quantize_command_from_qtinysam(model, released, tmp_path, capsys):
     # sam-drop-in quantize --from-qtinysam: the exact float weights, our calibration (bits from
-    # the released layers: w8a8), the released intervals kept in the file's metadata.
+    # the released layers: w8a8) overwritten by the released parameters our format expresses,
+    # the released intervals kept in the file's metadata.
     import json
 
     from PIL import Image
@@ -256,6 +257,12 @@ def test_quantize_command_from_qtinysam(model, released, tmp_path, capsys):
     kept = json.loads(meta["qtinysam_intervals"])
     fc2 = "image_encoder.layers.1.blocks.0.mlp.fc2"
     assert kept[fc2]["a_interval"] == intervals[fc2]["a_interval"].tolist()
+    # The released parameters our format expresses are in the file (QTinySAM.apply_to; their
+    # exactness is tested above): fc2's twin ranges, and what was applied where.
+    applied = json.loads(meta["qtinysam_applied"])
+    assert applied[fc2] == "applied: weights, input (twin uniform)"
+    quant = dict(qsam.image_encoder.body.named_modules())["layers.1.blocks.0.mlp.fc2"].input_quant
+    assert float(quant.scale) == float(intervals[fc2]["a_interval"]) and float(quant.fine_scale) == float(intervals[fc2]["a_neg_interval"])
     # The command refuses an unsafe file (status 2, the global named, nothing run) and a
     # conflicting --checkpoint.
     marker = tmp_path / "ran"
@@ -267,3 +274,96 @@ def test_quantize_command_from_qtinysam(model, released, tmp_path, capsys):
     assert cli.main(["quantize", "--from-qtinysam", str(path), "--checkpoint", "x", "--calib", str(tmp_path),
                      "--output", str(out)]) == 2
     assert "give one" in capsys.readouterr().err
+
+
+def _tinysam_weight(w, rec):
+    """TinySAM's linear weight quantisation (layers.py, InferQuantLinear.quant_weight_bias),
+    written out here as the reference: codes per (row block x column block), symmetric."""
+    qmax = 2 ** (int(rec.get("w_bit", 8)) - 1)
+    n_v, n_h = int(rec["n_V"]), int(rec["n_H"])
+    blocks = w.view(n_v, w.shape[0] // n_v, n_h, w.shape[1] // n_h)
+    return ((blocks / rec["w_interval"]).round().clamp(-qmax, qmax - 1) * rec["w_interval"]).view_as(w)
+
+
+def _tinysam_input(x, rec):
+    """TinySAM's linear input quantisation (InferQuantLinear / InferQuantLinearPost.quant_input)
+    for one chunk (n_a = 1)."""
+    qmax = 2 ** (int(rec.get("a_bit", 8)) - 1)
+    a = rec["a_interval"]
+    if rec["class"] == "InferQuantLinear":
+        return (x / a).round().clamp(-qmax, qmax - 1) * a
+    neg = rec["a_neg_interval"]
+    return (x / a).round().clamp(0, qmax - 1) * a + (x / neg).round().clamp(-qmax, 0) * neg
+
+
+def test_released_parameters_applied_exactly(model, released):
+    """QTinySAM.apply_to carries the released parameters our format expresses onto a calibrated
+    encoder: each linear then computes exactly TinySAM's quantised linear (its formulas from
+    layers.py, written out above), the convolutions hold TinySAM's weight codes with the
+    BatchNorm folded into the scales, and the attention products' q, k, v take the released
+    intervals; what our format cannot express keeps its calibration and says why."""
+    import copy
+    import dataclasses
+
+    import torch.nn.functional as F
+    from skimage import data
+
+    import sam_drop_in.quantization as Q
+
+    path, intervals, _ = released
+    rel = read_qtinysam(path)
+    fast = dataclasses.replace(Q.W8A8, max_search_rows=64, weight_search=(1.0,), act_search=(1.0,), softmax_fine_shifts=(0,))
+    qenc = Q.calibrate(copy.deepcopy(model), [data.rocket()[::8, ::8]], fast)
+    report = rel.apply_to(qenc)
+    assert set(report) == set(intervals)
+    body = dict(qenc.body.named_modules())
+    g = torch.Generator().manual_seed(0)
+    linears = [p for p, r in intervals.items() if r["class"] in ("InferQuantLinear", "InferQuantLinearPost")
+               and p != "image_encoder.head"]
+    assert len(linears) == 40
+    assert report["image_encoder.head"].startswith("not applied: our encoder has no quantised layer at head")
+    for p in linears:
+        rec = {**intervals[p], "w_bit": 8, "a_bit": 8}
+        assert report[p] in ("applied: weights, input", "applied: weights, input (twin uniform)"), (p, report[p])
+        w, b = rel.state_dict[p + ".weight"], rel.state_dict.get(p + ".bias")
+        x = torch.randn(2, 5, w.shape[1], generator=g) * 2
+        if rec["class"] == "InferQuantLinearPost":
+            # Post-GELU inputs, kept off GELU's minimum: within half a step of it TinySAM's
+            # negative code -128 exists and ours stops at -127 (documented in apply_to).
+            x = F.gelu(x).clamp_min(-0.169)
+        with torch.no_grad():
+            got = body[p[len("image_encoder."):]](x)
+        # Contract: bit-equal (the same divisions, roundings, clamps and products; one F.linear).
+        assert torch.equal(got, F.linear(_tinysam_input(x, rec), _tinysam_weight(w, rec), b)), p
+    convs = [p for p, r in intervals.items() if r["class"] == "InferQuantConv2d"]
+    assert len(convs) == 29
+    for p in convs:
+        assert report[p].startswith("applied: weights (input calibrated"), (p, report[p])
+        owner = p[len("image_encoder."):].removesuffix(".c")
+        layer = body[owner]
+        w, s = rel.state_dict[p + ".weight"], intervals[p]["w_interval"].flatten()
+        codes = (w / s.view(-1, 1, 1, 1)).round().clamp(-128, 127)  # TinySAM's InferQuantConv2d
+        if p.endswith(".c"):  # BatchNorm folded: codes x scale x gamma / sqrt(var + eps)
+            gamma, var = (rel.state_dict[f"image_encoder.{owner}.bn.{k}"] for k in ("weight", "running_var"))
+            want = codes * (s * gamma / torch.sqrt(var + 1e-5)).view(-1, 1, 1, 1)
+            # Contract: TinySAM's dequantised weight with the BatchNorm folded, to float32
+            # rounding of the products (same codes; one extra rounding of the scale).
+            assert torch.allclose(layer.weight(), want, rtol=1e-6, atol=0), p
+            assert torch.equal(layer.weight_int.float(), codes)  # the codes themselves: TinySAM's
+        else:
+            assert torch.equal(layer.weight_int.float(), codes) and torch.equal(layer.weight_scale, s)
+    for p, r in intervals.items():
+        if r["class"].startswith("InferQuantMatMul"):
+            attn = body[p[len("image_encoder."):].rpartition(".")[0]]
+            pairs = ([(attn.q_quant, 0.05), (attn.k_quant, 0.07)] if r["class"] == "InferQuantMatMul"
+                     else [(attn.v_quant, 0.07)])
+            for quant, step in pairs:
+                assert float(quant.scale) == pytest.approx(step) and int(quant.zero_point) == 128
+    outside = [p for p in intervals if not p.startswith("image_encoder.")]
+    assert outside and all(report[p].startswith("not applied: outside the image encoder") for p in outside)
+    # A record our format cannot express is reported and leaves the calibration alone.
+    fc1 = "image_encoder.layers.1.blocks.0.mlp.fc1"
+    before = body["layers.1.blocks.0.mlp.fc1"].weight_scale.clone()
+    rel.intervals = {fc1: {**intervals[fc1], "n_H": torch.tensor(2), "a_interval": torch.tensor([0.1, 0.2])}}
+    assert rel.apply_to(qenc) == {fc1: "not applied: not expressible in our format"}
+    assert torch.equal(body["layers.1.blocks.0.mlp.fc1"].weight_scale, before)

@@ -5,6 +5,7 @@ W6A6, sam_drop_in.quantization) and write one safetensors file that
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -119,6 +120,14 @@ def run(args: argparse.Namespace) -> int:
         sam.image_encoder = calibrate(sam, arrays, recipe)
     except TypeError as exc:  # an encoder the quantisation does not know
         raise CliError(f"cannot quantise the {model_type} image encoder: {exc}") from None
+    if released is not None:
+        # The released parameters our format expresses replace the calibrated ones.
+        applied = released.apply_to(sam.image_encoder)
+        extra["qtinysam_applied"] = json.dumps(applied, sort_keys=True)
+        if not args.quiet:
+            used = sum(v.startswith("applied") for v in applied.values())
+            print(f"quantize: Q-TinySAM's released parameters applied to {used} of its {len(applied)} quantised layers "
+                  "(the rest calibrated; see the file's qtinysam_applied metadata)", flush=True)
     save_quantized(sam, out, extra_metadata=extra)  # atomic: the old file or the whole new one
     size = out.stat().st_size
     print(f"quantize: {model_type} {recipe.name}, {len(arrays)} calibration image{'s' if len(arrays) != 1 else ''}, "

@@ -28,14 +28,19 @@ What maps to what:
   ``B_interval``, ``split`` and the block-layout counts ``n_V``, ``n_H``, ``n_a``, ``crb_*``,
   ``n_G_*``, ...) -> ``QTinySAM.intervals[module path]``, verbatim.
 
-Our fake-quant format cannot hold the released intervals faithfully: TinySAM quantises linear
+``QTinySAM.apply_to`` then carries onto a calibrated ``QuantizedTinyViT`` every released
+parameter our format expresses exactly (linear weights and inputs, fc2's twin ranges,
+convolution weight codes with the BatchNorm folded into the scales, the attention products' q,
+k and v); ``sam-drop-in quantize --from-qtinysam`` does so and records which in the metadata.
+
+Our fake-quant format cannot hold the rest of the released intervals faithfully: TinySAM quantises linear
 inputs symmetrically per channel chunk (``n_a`` intervals), convolution inputs with a float
 offset (``a_bias``), weights of linears per (row block x column block), attention matrices per
 block, and post-softmax values with a float split point; ours are per tensor (asymmetric with an
 integer zero point, or twin uniform with power-of-two step ratios) and per output channel. So a
-conversion (``sam-drop-in quantize --from-qtinysam``) takes the exact float weights and
-calibrates our quantisers on images, and keeps the released intervals verbatim in the output's
-metadata (``qtinysam_intervals``) for reference.
+conversion (``sam-drop-in quantize --from-qtinysam``) takes the exact float weights,
+calibrates our quantisers on images, applies the released parameters that fit, and keeps the
+released intervals verbatim in the output's metadata (``qtinysam_intervals``) for reference.
 """
 
 import _compat_pickle
@@ -55,6 +60,9 @@ from .._layouts import detect_model_type
 from ..checkpoint import load_into
 
 QUANT_LAYERS_MODULE = "tinysam.quantization_layer.layers"
+
+# TinyViT's Conv2d_BN BatchNorm epsilon (BatchNorm2d's default; the file holds no eps).
+_BN_EPS = 1e-5
 QUANT_LAYER_CLASSES = frozenset({"InferQuantMatMul", "InferQuantMatMulPost", "InferQuantLinear",
                                  "InferQuantLinearPost", "InferQuantConv2d", "InferQuantConvTranspose2d"})
 
@@ -284,6 +292,118 @@ class QTinySAM:
         """Load the float weights into a segment_anything-layout ``vit_t`` Sam (strictly;
         CheckpointError naming the keys on a mismatch)."""
         load_into(sam, self.state_dict)
+
+    @torch.no_grad()
+    def apply_to(self, qenc) -> Dict[str, str]:
+        """Carry the released parameters that our format expresses exactly onto ``qenc``, a
+        calibrated ``QuantizedTinyViT`` of this model's float weights, in place; the others keep
+        their calibrated values. Returns {released layer path: what was taken, or why not}.
+
+        Taken (TinySAM's arithmetic, layers.py, reproduced exactly by ours):
+
+        - linear weights (``InferQuantLinear``/``Post``) with one column block (``n_H`` 1): the
+          per-row-block ``w_interval`` as our per-output-channel scales and the codes
+          ``round(w / s)`` clamped to [-2**(b-1), 2**(b-1)-1] (the same rounding);
+        - linear inputs with one interval (``n_a`` 1, or all chunks equal): symmetric codes
+          [-2**(b-1), 2**(b-1)-1] are our affine codes with zero point 2**(b-1);
+        - fc2 inputs (``InferQuantLinearPost``): our twin uniform post-GELU pair, coarse step
+          ``a_interval`` for positives, fine step ``a_neg_interval`` for negatives (ours clamps
+          the negatives at -(2**(b-1)-1) steps, TinySAM at -2**(b-1): the two differ only within
+          half a step of GELU's minimum, -0.16997);
+        - convolution weights (``InferQuantConv2d`` on a ``Conv2d_BN``'s convolution, or on a
+          plain one): TinySAM's codes, with the BatchNorm folded into the per-channel scales
+          (scale x gamma / sqrt(var + eps), negative where gamma is; a channel whose factor is
+          zero is zero); the folded bias is unchanged;
+        - the attention products' q, k (``InferQuantMatMul``) and v (``InferQuantMatMulPost``'s
+          B) when each has one interval: symmetric, as for linear inputs.
+
+        Not taken (kept as calibrated), as our format cannot express them: convolution inputs
+        (a float offset ``a_bias``), the post-softmax split quantiser, per-chunk or per-block
+        intervals, layers outside the image encoder (TinySAM also quantises the mask decoder),
+        and any record whose path or bits do not match ``qenc``.
+        """
+        from .fake_quant import QConv2d, QLinear, quantize_weight
+        from .tinyvit import QAttention
+
+        body = dict(qenc.body.named_modules())
+        report: Dict[str, str] = {}
+
+        def one(t) -> Optional[float]:
+            t = torch.as_tensor(t, dtype=torch.float32).flatten()
+            return float(t[0]) if t.numel() and bool((t == t[0]).all()) else None
+
+        def symmetric(quant, interval, bits) -> bool:
+            value = one(interval)
+            if quant is None or quant.kind != "uniform" or quant.bits != bits or value is None or value <= 0:
+                return False
+            quant.set_params({"scale": torch.tensor(value), "fine_scale": torch.tensor(value),
+                              "zero_point": torch.tensor(2 ** (bits - 1), dtype=torch.int32)})
+            return True
+
+        for path, rec in sorted(self.intervals.items()):
+            if not path.startswith("image_encoder."):
+                report[path] = "not applied: outside the image encoder (only the encoder is quantised here)"
+                continue
+            sub = path[len("image_encoder."):]
+            cls = rec.get("class")
+            taken = []
+            if cls in ("InferQuantLinear", "InferQuantLinearPost") and isinstance(body.get(sub), QLinear):
+                layer, bits = body[sub], int(rec.get("w_bit", -1))
+                w = self.state_dict[path + ".weight"].float()
+                n_v, n_h = int(rec.get("n_V", 0)), int(rec.get("n_H", 0))
+                if bits == layer.bits and n_h == 1 and n_v > 0 and w.shape[0] % n_v == 0 and rec["w_interval"].numel() == n_v:
+                    scale = rec["w_interval"].float().reshape(n_v).repeat_interleave(w.shape[0] // n_v)
+                    layer.weight_scale.copy_(scale)
+                    layer.weight_int.copy_(quantize_weight(w, scale, bits))
+                    taken.append("weights")
+                a_bits, quant = int(rec.get("a_bit", -1)), layer.input_quant
+                if cls == "InferQuantLinear" and symmetric(quant, rec.get("a_interval", []), a_bits):
+                    taken.append("input")
+                elif (cls == "InferQuantLinearPost" and quant is not None and quant.kind == "twin_gelu"
+                      and quant.bits == a_bits and one(rec.get("a_interval", [])) and one(rec.get("a_neg_interval", []))):
+                    quant.set_params({"scale": torch.tensor(one(rec["a_interval"])),
+                                      "fine_scale": torch.tensor(one(rec["a_neg_interval"])),
+                                      "zero_point": torch.tensor(0, dtype=torch.int32)})
+                    taken.append("input (twin uniform)")
+            elif cls == "InferQuantConv2d":
+                owner = sub[: -len(".c")] if sub.endswith(".c") else sub
+                layer, bits = body.get(owner), int(rec.get("w_bit", -1))
+                w = self.state_dict[path + ".weight"].float()
+                interval = rec.get("w_interval", torch.empty(0)).float().flatten()
+                if isinstance(layer, QConv2d) and bits == layer.bits and interval.numel() in (1, w.shape[0]):
+                    scale = interval.expand(w.shape[0]).clone()
+                    gain = torch.ones_like(scale)
+                    if owner != sub:  # a Conv2d_BN: fold its BatchNorm into the scales
+                        bn = {k: self.state_dict[f"image_encoder.{owner}.bn.{k}"].float()
+                              for k in ("weight", "running_var")}
+                        gain = bn["weight"] * torch.rsqrt(bn["running_var"] + _BN_EPS)
+                    # The folded scale keeps the factor's sign (a BatchNorm gamma can be
+                    # negative; the int8 kernels take signed per-channel scales, tested); a
+                    # zero factor zeroes the channel, stored as codes 0 with scale 1.
+                    zero = gain == 0
+                    codes = quantize_weight(w, scale, bits).masked_fill(zero.view(-1, *([1] * (w.ndim - 1))), 0)
+                    layer.weight_int.copy_(codes)
+                    layer.weight_scale.copy_(torch.where(zero, torch.ones_like(scale), scale * gain))
+                    taken.append("weights (input calibrated: TinySAM's has a float offset)")
+            elif cls in ("InferQuantMatMul", "InferQuantMatMulPost"):
+                attn = body.get(sub.rpartition(".")[0])
+                if isinstance(attn, QAttention) and attn.products:
+                    a_bits, b_bits = int(rec.get("A_bit", -1)), int(rec.get("B_bit", -1))
+                    if cls == "InferQuantMatMul":
+                        if symmetric(attn.q_quant, rec.get("A_interval", []), a_bits):
+                            taken.append("q")
+                        if symmetric(attn.k_quant, rec.get("B_interval", []), b_bits):
+                            taken.append("k")
+                    elif symmetric(attn.v_quant, rec.get("B_interval", []), b_bits):
+                        taken.append("v (softmax output calibrated: TinySAM's splits at a float point)")
+            if taken:
+                report[path] = "applied: " + ", ".join(taken)
+            elif not any(isinstance(body.get(k), (QLinear, QConv2d, QAttention))
+                         for k in (sub, sub.removesuffix(".c"), sub.rpartition(".")[0])):
+                report[path] = f"not applied: our encoder has no quantised layer at {sub} (e.g. the unused classification head)"
+            else:
+                report[path] = "not applied: not expressible in our format"
+        return report
 
     def metadata(self) -> Dict[str, str]:
         """Provenance for a file converted from this one: ``source`` and the released intervals
