@@ -171,3 +171,39 @@ def model_in_mode(model: nn.Module, mode: str, device: str = "cpu") -> nn.Module
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return optimize(model, mode)
+
+
+def fixed_int8_graph(model: nn.Module, x: torch.Tensor, weight_scale, activation: Tuple[float, int, int, int]):
+    """``model`` through torchao's PT2E flow with the x86 Inductor quantiser, every observer fixed
+    instead of calibrated: the converted (quantise/dequantise) graph, to run eagerly or compile.
+    For tests of what Inductor's int8 kernels compute on chosen codes (needs torchao).
+
+    Arguments:
+      model (nn.Module): float32, eval mode (convolutions and linears get quantised).
+      x (torch.Tensor): an example input (export traces this shape).
+      weight_scale (callable): weight tensor (out x ...) -> (per-channel scales (out,), quant_min,
+        quant_max); symmetric, zero point 0.
+      activation (tuple): (scale, zero_point, quant_min, quant_max) of every activation.
+
+    Returns:
+      (torch.fx.GraphModule): the output of ``convert_pt2e``.
+    """
+    from torchao.quantization.pt2e.observer import ObserverBase
+
+    from .quantization.pt2e_int8 import _fixed_observer, _torchao
+
+    prepare_pt2e, convert_pt2e, xiq = _torchao()
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    observed = prepare_pt2e(torch.export.export(model, (x,)).module(), quantizer)
+    for node in list(observed.graph.nodes):
+        old = getattr(observed, str(node.target), None) if node.op == "call_module" else None
+        if not isinstance(old, ObserverBase):
+            continue
+        if node.args[0].op == "get_attr":
+            scale, qmin, qmax = weight_scale(observed.get_parameter(node.args[0].target).detach())
+            new = _fixed_observer(old, scale, torch.zeros(scale.shape, dtype=torch.int32), qmin, qmax)
+        else:
+            new = _fixed_observer(old, *activation)
+        setattr(observed, node.target, new)
+    return convert_pt2e(observed)

@@ -115,26 +115,14 @@ def test_saturation_probe_and_the_seven_bit_ranges():
 def _saturating_linear():
     """A linear whose every input code is 255 x weight code +-127 (per-channel weight scale 1/127,
     input scale 1/255, zero point 0): exact int8 products sum pairs beyond int16's range."""
-    from torchao.quantization.pt2e.observer import ObserverBase
-
-    from sam_drop_in.quantization.pt2e_int8 import _fixed_observer, _torchao
+    from sam_drop_in.testing import fixed_int8_graph
 
     torch.manual_seed(0)
     model = torch.nn.Linear(256, 64).eval()
     with torch.no_grad():
         model.weight.copy_(torch.sign(torch.randn(64, 256)))
     x = torch.rand(64, 256) * 0.5 + 0.5
-    prepare_pt2e, convert_pt2e, xiq = _torchao()
-    quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-    observed = prepare_pt2e(torch.export.export(model, (x,)).module(), quantizer)
-    for node in list(observed.graph.nodes):
-        old = getattr(observed, str(node.target), None) if node.op == "call_module" else None
-        if isinstance(old, ObserverBase):
-            weight = node.args[0].op == "get_attr"
-            setattr(observed, node.target, _fixed_observer(old, torch.full((64,), 1 / 127), torch.zeros(64, dtype=torch.int32),
-                                                           -128, 127) if weight else _fixed_observer(old, 1 / 255, 0, 0, 255))
-    return convert_pt2e(observed), x
+    return fixed_int8_graph(model, x, lambda w: (torch.full((64,), 1 / 127), -128, 127), (1 / 255, 0, 0, 255)), x
 
 
 def test_compiled_code_calls_onednn_int8_kernels(sd, calib):

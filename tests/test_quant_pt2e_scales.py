@@ -21,7 +21,14 @@ from sam_drop_in import SamPredictor, sam_model_registry
 from sam_drop_in.build_sam import build_sam_sized
 from sam_drop_in.precision import optimize
 from sam_drop_in.quantization.calibrate import preprocess
-from sam_drop_in.testing import load_image, mean_iou, perturbed_state_dict, predict_quality_masks, small_sam
+from sam_drop_in.testing import (
+    fixed_int8_graph,
+    load_image,
+    mean_iou,
+    perturbed_state_dict,
+    predict_quality_masks,
+    small_sam,
+)
 
 pytest.importorskip("torchao")  # the quant extra; the compat extra (the suite's) includes it
 
@@ -194,28 +201,10 @@ def _tiny_int8_graph(clamp: bool):
     """linear -> ReLU -> linear quantised with 6-bit codes; the second linear's input range
     ([-0.32, 0.31], codes 0..63) is far narrower than the first linear's outputs, so most of
     them must saturate at code 63."""
-    from torchao.quantization.pt2e.observer import ObserverBase
-
-    from sam_drop_in.quantization.pt2e_int8 import _fixed_observer, _torchao
-
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)).eval()
     x = torch.randn(256, 64)
-    prepare_pt2e, convert_pt2e, xiq = _torchao()
-    quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-    observed = prepare_pt2e(torch.export.export(model, (x,)).module(), quantizer)
-    for node in list(observed.graph.nodes):
-        old = getattr(observed, str(node.target), None) if node.op == "call_module" else None
-        if not isinstance(old, ObserverBase):
-            continue
-        if node.args[0].op == "get_attr":
-            w = observed.get_parameter(node.args[0].target)
-            new = _fixed_observer(old, w.abs().amax(1) / 31, torch.zeros(64, dtype=torch.int32), -32, 31)
-        else:
-            new = _fixed_observer(old, 0.01, 32, 0, 63)
-        setattr(observed, node.target, new)
-    graph = convert_pt2e(observed)
+    graph = fixed_int8_graph(model, x, lambda w: (w.abs().amax(1) / 31, -32, 31), (0.01, 32, 0, 63))
     count = _clamp_narrow_ranges(graph) if clamp else 0
     return graph, x, count
 
@@ -286,30 +275,16 @@ def test_negative_weight_scales_compile_to_their_eager_result():
     two convolutions with every other output channel's weight scale negated, compiled against
     eager."""
     import torch._inductor.config as inductor_config
-    from torchao.quantization.pt2e.observer import ObserverBase
 
-    from sam_drop_in.quantization.pt2e_int8 import _fixed_observer, _torchao
+    def signed(w):
+        scale = w.flatten(1).abs().amax(1) / 127
+        scale[::2] *= -1
+        return scale, -128, 127
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(16, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1)).eval()
     x = torch.randn(1, 16, 20, 20)
-    prepare_pt2e, convert_pt2e, xiq = _torchao()
-    quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-    observed = prepare_pt2e(torch.export.export(model, (x,)).module(), quantizer)
-    for node in list(observed.graph.nodes):
-        old = getattr(observed, str(node.target), None) if node.op == "call_module" else None
-        if not isinstance(old, ObserverBase):
-            continue
-        if node.args[0].op == "get_attr":
-            w = observed.get_parameter(node.args[0].target)
-            scale = w.detach().flatten(1).abs().amax(1) / 127
-            scale[::2] *= -1
-            new = _fixed_observer(old, scale, torch.zeros(8, dtype=torch.int32), -128, 127)
-        else:
-            new = _fixed_observer(old, 0.02, 128, 0, 255)
-        setattr(observed, node.target, new)
-    graph = convert_pt2e(observed)
+    graph = fixed_int8_graph(model, x, signed, (0.02, 128, 0, 255))
     with torch.no_grad():
         eager, ref = graph(x), model(x)
         with inductor_config.patch(freezing=True):
