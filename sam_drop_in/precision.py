@@ -118,7 +118,9 @@ def optimize(
     Raises ValueError (with what to do instead) for an unknown mode, fp16 off CUDA, int8 or
     w8a8/w6a6 on CUDA, w8a8/w6a6 without calibration images, calibration images with a float
     mode, a model already optimised, an unknown int8_runtime or one given with another mode,
-    int8_runtime="torchao" without calibration images; ImportError naming the extra when the
+    int8_runtime="torchao" without calibration images for a float model; for a model whose
+    encoder is already quantised: calibration images or int8_runtime="onnxruntime" with "int8",
+    and any mode but "fp32" and "int8"; ImportError naming the extra when the
     chosen int8 runtime is not installed; RuntimeError when Inductor cannot compile the torchao
     int8 encoder (the model is then unchanged).
     """
@@ -158,19 +160,7 @@ def optimize(
             f"mode='int8' runs the encoder on CPU only (oneDNN or ONNX Runtime int8 kernels) but the model is on {device.type}; "
             "on CUDA use mode='bf16' or mode='fp16'."
         )
-    if mode in _SIMULATED:
-        if calibration is None:
-            raise ValueError(
-                f"mode={mode!r} calibrates a simulated quantised encoder and needs images: pass "
-                f"calibration='a_folder_of_images/' or calibration=[HxWx3 uint8 arrays] (a handful of "
-                "photographs like the ones you will segment)."
-            )
-        if device.type != "cpu":
-            raise ValueError(
-                f"mode={mode!r} (simulated quantisation, for accuracy studies) is set up on CPU here but the "
-                f"model is on {device.type}; calibrate on CPU, or on CUDA use mode='bf16' or mode='fp16'."
-            )
-    elif quantized and mode == "int8":
+    if quantized and mode == "int8":
         if calibration is not None:
             raise ValueError(
                 "this model's image encoder is already quantised (a quantised file, or mode='w8a8'/'w6a6'): "
@@ -187,6 +177,18 @@ def optimize(
             f"this model's image encoder is quantised (simulated); mode={mode!r} needs a float model: load the "
             "float checkpoint, or use mode='int8' to run the quantised encoder's scales on int8 kernels."
         )
+    elif mode in _SIMULATED:
+        if calibration is None:
+            raise ValueError(
+                f"mode={mode!r} calibrates a simulated quantised encoder and needs images: pass "
+                f"calibration='a_folder_of_images/' or calibration=[HxWx3 uint8 arrays] (a handful of "
+                "photographs like the ones you will segment)."
+            )
+        if device.type != "cpu":
+            raise ValueError(
+                f"mode={mode!r} (simulated quantisation, for accuracy studies) is set up on CPU here but the "
+                f"model is on {device.type}; calibrate on CPU, or on CUDA use mode='bf16' or mode='fp16'."
+            )
     elif calibration is not None and mode != "int8":
         raise ValueError(
             f"calibration images are used by modes 'int8', 'w8a8' and 'w6a6', not by mode={mode!r}; "
