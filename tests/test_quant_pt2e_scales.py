@@ -294,3 +294,23 @@ def test_negative_weight_scales_compile_to_their_eager_result():
     # so a sign error would show as errors of the outputs' own size).
     assert float((compiled - eager).abs().max()) <= 1e-4
     assert float((eager - ref).abs().max()) <= 0.3 * float(ref.abs().max())
+
+
+def test_refusals_name_what_to_do(vit_t):
+    """pt2e_int8_encoder's own checks, before any export: images with a quantised encoder, a
+    recipe that left a layer group float (its int8 scales would be guesses), an encoder not yet
+    calibrated, a float model without images."""
+    from sam_drop_in._errors import InputError
+    from sam_drop_in.quantization.tinyvit import QuantizedTinyViT
+
+    calibrated = _quantised(vit_t, dataclasses.replace(Q.W8A8, layers=("conv",)))
+    with pytest.raises(InputError, match="without calibration images"):
+        pt2e_int8_encoder(calibrated, [data.rocket()], warm_up=False)
+    with pytest.raises(InputError, match=r"leaves the \['linear'\] layers float"):
+        pt2e_int8_encoder(calibrated, warm_up=False)
+    raw = copy.deepcopy(vit_t)
+    raw.image_encoder = QuantizedTinyViT(vit_t.image_encoder, Q.W8A8)
+    with pytest.raises(InputError, match="not calibrated yet"):
+        pt2e_int8_encoder(raw, warm_up=False)
+    with pytest.raises(InputError, match="needs calibration images for a float model"):
+        pt2e_int8_encoder(vit_t, warm_up=False)

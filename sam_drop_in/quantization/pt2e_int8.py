@@ -244,10 +244,15 @@ def int8_products_saturate() -> bool:
         reach 32767) for int8 products to be exact; False with VNNI / AMX.
     """
     k = 64
-    x = torch.full((1, k), 255, dtype=torch.uint8)
-    packed = torch.ops.onednn.qlinear_prepack(torch.full((1, k), 127, dtype=torch.int8), [1, k])
-    out = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, torch.ones(1), torch.zeros(1, dtype=torch.int64), None,
-                                             1.0, 0, torch.float32, "none", [], "")
+    try:
+        x = torch.full((1, k), 255, dtype=torch.uint8)
+        packed = torch.ops.onednn.qlinear_prepack(torch.full((1, k), 127, dtype=torch.int8), [1, k])
+        out = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, torch.ones(1), torch.zeros(1, dtype=torch.int64),
+                                                 None, 1.0, 0, torch.float32, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        # No oneDNN int8 kernels in this build (a non-x86 CPU, say): nothing to adapt to here;
+        # the int8 route's compile then fails with its own message.
+        return False
     return float(out) != 255 * 127 * k
 
 
@@ -325,10 +330,16 @@ def _fixed_observer(like: nn.Module, scale, zero_point, quant_min: int, quant_ma
     instead of measuring any: ``convert_pt2e`` reads dtype, qscheme (and ch_axis) from ``like``,
     the observer it replaces, so the quantiser's choices (uint8 per-tensor activations, int8
     per-channel weights) stay and only the numbers are ours."""
+    return _fixed_observer_class()(like, scale, zero_point, quant_min, quant_max)
+
+
+@functools.lru_cache(maxsize=None)
+def _fixed_observer_class() -> type:
+    """The class of ``_fixed_observer``'s observers, defined once torchao is importable."""
     from torchao.quantization.pt2e.observer import ObserverBase
 
-    class _Fixed(ObserverBase):
-        def __init__(self):
+    class FixedQParams(ObserverBase):
+        def __init__(self, like, scale, zero_point, quant_min, quant_max):
             super().__init__(dtype=like.dtype, is_dynamic=False)
             self.qscheme = like.qscheme
             if hasattr(like, "ch_axis"):
@@ -343,7 +354,7 @@ def _fixed_observer(like: nn.Module, scale, zero_point, quant_min: int, quant_ma
         def calculate_qparams(self):
             return self.scale, self.zero_point
 
-    return _Fixed()
+    return FixedQParams
 
 
 def _set_observers_from(observed: torch.fx.GraphModule, qenc: nn.Module, seven_bits: bool = False) -> Dict[str, int]:
