@@ -351,7 +351,8 @@ class QTinySAM:
                 layer, bits = body[sub], int(rec.get("w_bit", -1))
                 w = self.state_dict[path + ".weight"].float()
                 n_v, n_h = int(rec.get("n_V", 0)), int(rec.get("n_H", 0))
-                if bits == layer.bits and n_h == 1 and n_v > 0 and w.shape[0] % n_v == 0 and rec["w_interval"].numel() == n_v:
+                if (bits == layer.bits and n_h == 1 and n_v > 0 and w.shape[0] % n_v == 0
+                        and torch.as_tensor(rec.get("w_interval", [])).numel() == n_v):
                     scale = rec["w_interval"].float().reshape(n_v).repeat_interleave(w.shape[0] // n_v)
                     layer.weight_scale.copy_(scale)
                     layer.weight_int.copy_(quantize_weight(w, scale, bits))
@@ -373,18 +374,18 @@ class QTinySAM:
                 if isinstance(layer, QConv2d) and bits == layer.bits and interval.numel() in (1, w.shape[0]):
                     scale = interval.expand(w.shape[0]).clone()
                     gain = torch.ones_like(scale)
-                    if owner != sub:  # a Conv2d_BN: fold its BatchNorm into the scales
-                        bn = {k: self.state_dict[f"image_encoder.{owner}.bn.{k}"].float()
-                              for k in ("weight", "running_var")}
-                        gain = bn["weight"] * torch.rsqrt(bn["running_var"] + _BN_EPS)
-                    # The folded scale keeps the factor's sign (a BatchNorm gamma can be
-                    # negative; the int8 kernels take signed per-channel scales, tested); a
-                    # zero factor zeroes the channel, stored as codes 0 with scale 1.
-                    zero = gain == 0
-                    codes = quantize_weight(w, scale, bits).masked_fill(zero.view(-1, *([1] * (w.ndim - 1))), 0)
-                    layer.weight_int.copy_(codes)
-                    layer.weight_scale.copy_(torch.where(zero, torch.ones_like(scale), scale * gain))
-                    taken.append("weights (input calibrated: TinySAM's has a float offset)")
+                    bn = [self.state_dict.get(f"image_encoder.{owner}.bn.{k}") for k in ("weight", "running_var")]
+                    if owner != sub and all(t is not None for t in bn):  # a Conv2d_BN: fold its BatchNorm in
+                        gain = bn[0].float() * torch.rsqrt(bn[1].float() + _BN_EPS)
+                    if owner == sub or all(t is not None for t in bn):  # else <path>.c is not a Conv2d_BN's
+                        # The folded scale keeps the factor's sign (a BatchNorm gamma can be
+                        # negative; the int8 kernels take signed per-channel scales, tested); a
+                        # zero factor zeroes the channel, stored as codes 0 with scale 1.
+                        zero = gain == 0
+                        codes = quantize_weight(w, scale, bits).masked_fill(zero.view(-1, *([1] * (w.ndim - 1))), 0)
+                        layer.weight_int.copy_(codes)
+                        layer.weight_scale.copy_(torch.where(zero, torch.ones_like(scale), scale * gain))
+                        taken.append("weights (input calibrated: TinySAM's has a float offset)")
             elif cls in ("InferQuantMatMul", "InferQuantMatMulPost"):
                 attn = body.get(sub.rpartition(".")[0])
                 if isinstance(attn, QAttention) and attn.products:
