@@ -244,7 +244,10 @@ def real_int8(args) -> int:
         name = f"torchao_{recipe}_from_file"
         t0 = time.perf_counter()
         qsam = copy.deepcopy(sam)
-        qsam.image_encoder = quantization.calibrate(sam, calib, recipe)
+        rec = quantization.get_recipe(recipe)
+        if args.max_search_rows:
+            rec = dataclasses.replace(rec, max_search_rows=args.max_search_rows)
+        qsam.image_encoder = quantization.calibrate(sam, calib, rec)
         calib_s = time.perf_counter() - t0
         fpath, epath = os.path.join(tmp, f"{recipe}.safetensors"), os.path.join(tmp, f"{recipe}_encoder.safetensors")
         quantization.save_quantized(qsam, fpath)
