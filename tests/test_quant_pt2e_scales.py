@@ -140,21 +140,25 @@ def test_saved_w8a8_file_runs_its_own_codes_and_scales_in_int8(vit_t, x, tmp_pat
     clamps = sum(n.target == torch.ops.aten.clamp.default for n in g.graph.nodes)
     assert clamps == (69 if seven else 0)  # 8-bit ranges are the dtype's: nothing to clamp
 
-    # Really int8 at run time: all 40 linears and 29 convolutions on oneDNN's int8 kernels.
+    # What these numbers compute: the quantised graph run eagerly (quantise/dequantise in
+    # float32). Not compiled here, to keep CI short: Inductor's lowering of this graph is the
+    # calibrated route's (same graph, other numbers; 40 qlinear and 29 qconv calls checked in
+    # test_quant_pt2e.py::test_tinyvit_runs_every_linear_in_int8), the w6a6 test below compiles
+    # the file route with its clamps, and the ViT test and the AVX2-capped child process run
+    # compiled file routes against fp32.
     with torch.no_grad():
         ref = vit_t.image_encoder(x)
         sim = q.image_encoder(x)
-    y, text = _compiled_code(enc, x)
-    assert _kernel_counts(text) == (40, 29)
-    # Contract: 8-bit codes keep the embedding within cosine 0.99 of fp32 and of the simulated
-    # model it came from. Measured with VNNI/AMX: 0.9996 and 0.9995 (the differences from the
-    # simulated model: the attention products, which only it quantises, post-GELU pairs as one
-    # range, and the two MBConv shortcuts that the int8 fusion quantises with the next
-    # convolution's input). With oneDNN capped at AVX2 (no VNNI: u8 x s8 pairs are summed in
-    # int16 and saturate) the activations run on 7 bits; before that remedy: 0.993 to fp32.
+        y = g(x)
+    # Contract: 8-bit codes keep the embedding within cosine 0.995 of fp32 (measured 0.9996) and
+    # 0.999 of the simulated model it came from (measured 0.9995; the differences: the attention
+    # products, which only it quantises, post-GELU pairs as one range, and the two MBConv
+    # shortcuts that the int8 fusion quantises with the next convolution's input). Where the
+    # CPU's int8 products saturate the activations have 7 bits: bounds 0.99.
     cos_ref, cos_sim = _cos(y, ref), _cos(y, sim)
-    assert 0.99 <= cos_ref < 1.0 and cos_sim >= 0.99, (cos_ref, cos_sim)
-    print(f"w8a8 file on int8 kernels: cosine {cos_ref:.5f} to fp32, {cos_sim:.5f} to the simulated model")
+    bound = 0.99 if seven else 0.995
+    assert bound <= cos_ref < 1.0 and cos_sim >= (0.99 if seven else 0.999), (cos_ref, cos_sim)
+    print(f"w8a8 file, quantised graph: cosine {cos_ref:.5f} to fp32, {cos_sim:.5f} to the simulated model")
 
 
 def test_w6a6_runs_six_bit_codes_in_the_int8_kernels(vit_t, x):
@@ -284,7 +288,10 @@ def test_negative_weight_scales_compile_to_their_eager_result():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(16, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1)).eval()
     x = torch.randn(1, 16, 20, 20)
-    graph = fixed_int8_graph(model, x, signed, (0.02, 128, 0, 255))
+    # 8-bit activations, or 7-bit where the CPU's int8 products saturate (as the int8 routes do).
+    act = (0.04, 64, 0, 127) if int8_products_saturate() else (0.02, 128, 0, 255)
+    graph = fixed_int8_graph(model, x, signed, act)
+    _clamp_narrow_ranges(graph)
     with torch.no_grad():
         eager, ref = graph(x), model(x)
         with inductor_config.patch(freezing=True):
