@@ -221,9 +221,9 @@ def optimize(
 def _has_quantized_encoder(model: nn.Module) -> bool:
     """Whether ``model.image_encoder`` is a simulated quantised encoder (QuantizedTinyViT /
     QuantizedViT): from a quantised file, or ``mode="w8a8"``/``"w6a6"``."""
-    from .quantization.fake_quant import QuantizedEncoder
+    from .quantization.io import _is_quantized_encoder
 
-    return isinstance(getattr(model, "image_encoder", None), QuantizedEncoder)
+    return _is_quantized_encoder(getattr(model, "image_encoder", None) or nn.Module())
 
 
 def _int8_runtime(requested: str, calibration: Any) -> str:

@@ -267,13 +267,6 @@ def _within_seven_bits(scale: float, zero_point: int, quant_min: int, quant_max:
     return new, int(round(-lo / new)), 0, 127
 
 
-def _is_quantized_encoder(module: nn.Module) -> bool:
-    """A simulated quantised encoder (``quantization.calibrate`` / a saved quantised file)."""
-    from .fake_quant import QuantizedEncoder
-
-    return isinstance(module, QuantizedEncoder)
-
-
 def _dequantized_encoder(qenc: nn.Module) -> nn.Module:
     """The float encoder that computes with ``qenc``'s weights as their integer codes times their
     scales (``q * s``): a fresh float encoder of ``qenc.arch`` (TinyViT with its BatchNorms folded,
@@ -486,6 +479,8 @@ def pt2e_int8_encoder(sam: nn.Module, calibration: Optional[Images] = None, *, w
     calibration images; RuntimeError (with what to do) when Inductor cannot compile the quantised
     encoder.
     """
+    from .io import _is_quantized_encoder  # the one test of "a simulated quantised encoder"
+
     qenc = sam.image_encoder if _is_quantized_encoder(sam.image_encoder) else None
     if qenc is not None:
         if calibration is not None:
