@@ -439,11 +439,21 @@ class SamAutomaticMaskGenerator:
         """
         model = self.predictor.model
         orig_h, orig_w = orig_size
-        # The same upsampling as upstream's predict_torch, one mask per channel slice: bilinear
-        # interpolation treats every plane independently, so the values are identical.
-        logits = model.postprocess_masks(low_res[:, None], self.predictor.input_size, self.predictor.original_size)[:, 0]
+        # The same upsampling as upstream's predict_torch, whose masks come three to a prompt
+        # (N x 3 x h x w). Bilinear interpolation computes every plane on its own, but PyTorch's CPU
+        # kernel is chosen by shape and thread count: on one thread a 3-channel float input takes
+        # another kernel than a 1-channel one, and their values differ in the last bit (on more
+        # threads both take the same one). So the kept masks go in three to a slice, padded with
+        # empty planes, and every value is upstream's on any thread count.
+        k = low_res.shape[0]
+        pad = -k % 3
+        if pad:
+            low_res = torch.cat([low_res, low_res.new_zeros((pad, *low_res.shape[1:]))])
+        logits = model.postprocess_masks(
+            low_res.view(-1, 3, *low_res.shape[1:]), self.predictor.input_size, self.predictor.original_size
+        ).flatten(0, 1)[:k]
         stab = calculate_stability_score(logits, model.mask_threshold, self.stability_score_offset)
-        idx = torch.arange(low_res.shape[0], device=stab.device)
+        idx = torch.arange(k, device=stab.device)
         if self.stability_score_thresh > 0.0:
             keep = stab >= self.stability_score_thresh
             if not bool(keep.all()):  # indexing copies the full-resolution logits even when all pass

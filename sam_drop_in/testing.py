@@ -73,7 +73,7 @@ def perturbed_state_dict(state_dict: Dict[str, torch.Tensor], seed: int = 0) -> 
     return out
 
 
-def small_sam(module: str, seed: int = 0) -> nn.Module:
+def small_sam(module: str, seed: int = 0, img_size: int = 1024) -> nn.Module:
     """
     A SAM with a 1-block, 64-wide ViT encoder (the real prompt encoder and mask decoder), built
     from ``module``'s own classes. Behavioural assertions (types, shapes, dtypes, errors) do not
@@ -82,6 +82,9 @@ def small_sam(module: str, seed: int = 0) -> nn.Module:
     Arguments:
       module (str): "sam_drop_in", "segment_anything" or "mobile_sam".
       seed (int): torch seed for the initial weights.
+      img_size (int): the encoder's input side (a multiple of 16); the prompt encoder's grid
+        follows. 512 gives the mask decoder a quarter of the image tokens: the everything-mode
+        tests, which decode hundreds of prompts through upstream's decoder, use it for speed.
 
     Returns:
       (Sam): in eval mode; the same state-dict keys whichever the module.
@@ -90,11 +93,12 @@ def small_sam(module: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     sam = modeling.Sam(
         image_encoder=modeling.ImageEncoderViT(
-            img_size=1024, patch_size=16, embed_dim=64, depth=1, num_heads=2, mlp_ratio=2, out_chans=256,
+            img_size=img_size, patch_size=16, embed_dim=64, depth=1, num_heads=2, mlp_ratio=2, out_chans=256,
             use_rel_pos=True, window_size=14, global_attn_indexes=(),
         ),
         prompt_encoder=modeling.PromptEncoder(
-            embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16
+            embed_dim=256, image_embedding_size=(img_size // 16, img_size // 16), input_image_size=(img_size, img_size),
+            mask_in_chans=16,
         ),
         mask_decoder=modeling.MaskDecoder(
             num_multimask_outputs=3,
