@@ -1,0 +1,177 @@
+"""Where the bf16 vit_t encoder's time goes against its floor (issue #13), in one process.
+
+Prints, for the fused bf16 encoder (``optimize(sam, "bf16")``) at 1024 px on this CPU:
+
+- the encoder's time (fastest of ``--reps``), its FLOPs, the bf16 matmul peak measured in the same
+  run and the floor ratio (time / (FLOPs / peak)), as bench_speed.py does;
+- the profiler's self time by kind of op (matrix products, convolutions, attention, LayerNorm,
+  layout copies, the rest), per call, and what the floor ratio would be without each kind;
+- each stage's window attention alone (the encoder's own shapes: windows x heads x tokens), with
+  its FLOPs and rate, against the same attention as one batched matrix product pair (the rate
+  the matrix units give these FLOPs when they come as one large product);
+- the cost of the exact-erf GELU epilogue of a linear layer (stage 1's MLP shape), with and
+  without it.
+
+Run it quiet (nothing else on the machine): every figure is a ratio within this one run.
+
+    python benchmarks/bench_bf16_parts.py --threads 2
+
+On a CPU without native bf16 (``precision.cpu_has_native_bf16()`` False) bf16 is emulated and
+the figures describe emulation, which the script says.
+"""
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import count_flops, matmul_rate  # noqa: E402
+
+# Self-time buckets: profiler op name prefix -> kind.
+KINDS = (
+    ("mkldnn::_linear_pointwise", "linear (oneDNN, fused epilogues)"),
+    ("aten::addmm", "linear (oneDNN, fused epilogues)"),
+    ("mkldnn::_convolution_pointwise", "convolutions"),
+    ("aten::mkldnn_convolution", "convolutions"),
+    ("aten::_scaled_dot_product", "window attention"),
+    ("aten::native_layer_norm", "LayerNorm"),
+    ("aten::copy_", "layout copies, padding"),
+    ("aten::fill_", "layout copies, padding"),
+    ("aten::constant_pad_nd", "layout copies, padding"),
+)
+
+
+def fastest(fn, reps: int, warm: int = 3) -> float:
+    for _ in range(warm):
+        fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def kind_of(name: str) -> str:
+    for prefix, kind in KINDS:
+        if name.startswith(prefix):
+            return kind
+    return "the rest (GELU passes, views, small ops)"
+
+
+def attention_shapes(enc, side: int):
+    """(stage, windows, heads, tokens, key_dim, value_dim) of each attention stage for a side x side input."""
+    out = []
+    for i, layer in enumerate(enc.layers):
+        blocks = getattr(layer, "blocks", [])
+        block = blocks[0] if len(blocks) else None
+        if block is None or not hasattr(block, "attn"):
+            continue
+        h, w = block.input_resolution
+        ws = block.window_size
+        windows = -(-h // ws) * -(-w // ws)
+        attn = block.attn
+        out.append((i, windows, attn.num_heads, ws * ws, attn.key_dim, attn.d, len(blocks)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--reps", type=int, default=9, help="encoder calls timed (the fastest is reported)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from sam_drop_in import sam_model_registry
+    from sam_drop_in.precision import cpu_has_native_bf16, optimize
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sam = optimize(sam_model_registry["vit_t"](), "bf16")
+    enc = sam.image_encoder
+    x = torch.randn(1, 3, 1024, 1024)
+    print(f"threads {torch.get_num_threads()}, native bf16 {cpu_has_native_bf16()}, "
+          f"capability {torch.backends.cpu.get_cpu_capability()}")
+
+    with torch.no_grad():
+        # The matmul peak sets the floor; on a shared machine it moves from minute to minute
+        # (760-1950 GFLOP/s in bf16 on the 2-core AMX machine), so it is sampled after every timed
+        # call and the fastest sample is kept, as bench_speed.py does.
+        samples = [matmul_rate(torch.bfloat16, "cpu")]
+        t_enc = fastest(lambda: enc(x), 0)  # warm-up only
+        for _ in range(args.reps):
+            t_enc = min(t_enc, fastest(lambda: enc(x), 1, warm=0))
+            samples.append(matmul_rate(torch.bfloat16, "cpu"))
+        # FLOPs of the reference forward (the fused path's oneDNN ops have no FLOP formula): the
+        # same work, counted the way bench_speed.py counts it.
+        from sam_drop_in.modeling import _fast_tinyvit
+
+        _fast_tinyvit.ENABLED = False
+        try:
+            flops = count_flops(lambda: enc(x))
+        finally:
+            _fast_tinyvit.ENABLED = True
+        peak = max(samples)
+        floor = flops / peak
+        print(f"encoder {t_enc * 1e3:.1f} ms; {flops / 1e9:.1f} GFLOP; bf16 matmul peak {peak / 1e9:.0f} GFLOP/s "
+              f"(samples {min(samples) / 1e9:.0f}-{peak / 1e9:.0f}); "
+              f"floor {floor * 1e3:.1f} ms; ratio {t_enc / floor:.2f}x")
+
+        from torch.profiler import profile
+
+        calls = 3
+        with profile() as prof:
+            for _ in range(calls):
+                enc(x)
+        by_kind = defaultdict(float)
+        for ev in prof.key_averages():
+            by_kind[kind_of(ev.key)] += ev.self_cpu_time_total / 1e6 / calls  # seconds per encoder call
+        total = sum(by_kind.values())
+        print(f"\nself time per call under the profiler: {total * 1e3:.1f} ms (profiling adds overhead; read shares)")
+        print(f"{'kind':45s} {'ms':>7s} {'share':>6s} {'ratio without it':>17s}")
+        for kind, sec in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+            without = t_enc * (1 - sec / total)
+            print(f"{kind:45s} {sec * 1e3:7.1f} {sec / total:6.1%} {without / floor:16.2f}x")
+
+        print("\nwindow attention alone (the encoder's shapes, bf16, with the bias mask):")
+        for stage, windows, heads, n, d, dv, blocks in attention_shapes(enc, 1024):
+            q = torch.randn(windows, heads, n, d).bfloat16()
+            k = torch.randn(windows, heads, n, d).bfloat16()
+            v = torch.randn(windows, heads, n, dv).bfloat16()
+            bias = torch.randn(1, heads, n, n).bfloat16()
+            t = fastest(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=d ** -0.5), 15)
+            f = 2 * windows * heads * n * n * (d + dv)
+            # The same FLOPs as two large products: what the matrix units give them in one piece.
+            m = int((windows * heads * n * n) ** 0.5)
+            a = torch.randn(m, d).bfloat16()
+            b = torch.randn(d, m).bfloat16()
+            c = torch.randn(m, dv).bfloat16()
+            s = a @ b
+            t_big = fastest(lambda: (a @ b, s @ c), 15)
+            f_big = 2 * m * m * (d + dv)
+            print(f"  stage {stage}: {windows} windows x {heads} heads x {n} tokens, x{blocks} blocks: "
+                  f"{t * 1e3:.2f} ms per block ({f / t / 1e9:.0f} GFLOP/s; {t / (windows * heads) * 1e6:.1f} us per "
+                  f"window-head); as two large products {f_big / t_big / 1e9:.0f} GFLOP/s")
+
+        m, kdim, n = 16384, 128, 512
+        xs = torch.randn(m, kdim).bfloat16()
+        w = torch.randn(n, kdim).bfloat16()
+        bias = torch.randn(n).bfloat16()
+        linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+        if linear is not None and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            plain = fastest(lambda: linear(xs, w, bias, "none", [], ""), 20)
+            gelu = fastest(lambda: linear(xs, w, bias, "gelu", [], "none"), 20)
+            print(f"\nlinear {m}x{kdim} -> {n} (stage 1 MLP): {plain * 1e3:.2f} ms, with the erf-GELU epilogue "
+                  f"{gelu * 1e3:.2f} ms: GELU {(gelu - plain) / (m * n) * 1e9:.2f} ns per element")
+
+
+if __name__ == "__main__":
+    main()
