@@ -9,8 +9,9 @@ Prints, for the fused bf16 encoder (``optimize(sam, "bf16")``) at 1024 px on thi
 - each stage's window attention alone (the encoder's own shapes: windows x heads x tokens), with
   its FLOPs and rate, against the same attention as one batched matrix product pair (the rate
   the matrix units give these FLOPs when they come as one large product);
-- the cost of the exact-erf GELU epilogue of a linear layer (stage 1's MLP shape), with and
-  without it.
+- GELU's cost inside the encoder (the encoder with every GELU skipped, alternating with the real
+  one: a cost measurement, not the model's maths), and the exact-erf GELU epilogue of one linear
+  layer (stage 1's MLP shape), with and without it.
 
 Run it quiet (nothing else on the machine): every figure is a ratio within this one run.
 
@@ -157,9 +158,43 @@ def main() -> None:
             s = a @ b
             t_big = fastest(lambda: (a @ b, s @ c), 15)
             f_big = 2 * m * m * (d + dv)
+            # Other arrangements of the same attention: batched products in bf16, SDPA in float32.
+            qb, kb, vb = (t_.reshape(windows * heads, n, -1) for t_ in (q, k, v))
+            bb = bias.expand(windows, heads, n, n).reshape(windows * heads, n, n)
+            t_bmm = fastest(lambda: torch.bmm(torch.baddbmm(bb, qb, kb.transpose(1, 2), alpha=d ** -0.5).softmax(-1), vb), 15)
+            q32, k32, v32, b32 = q.float(), k.float(), v.float(), bias.float()
+            t_32 = fastest(lambda: F.scaled_dot_product_attention(q32, k32, v32, attn_mask=b32, scale=d ** -0.5), 15)
             print(f"  stage {stage}: {windows} windows x {heads} heads x {n} tokens, x{blocks} blocks: "
                   f"{t * 1e3:.2f} ms per block ({f / t / 1e9:.0f} GFLOP/s; {t / (windows * heads) * 1e6:.1f} us per "
-                  f"window-head); as two large products {f_big / t_big / 1e9:.0f} GFLOP/s")
+                  f"window-head); baddbmm/softmax/bmm {t_bmm * 1e3:.2f} ms; float32 SDPA {t_32 * 1e3:.2f} ms; "
+                  f"the same FLOPs as two large products {f_big / t_big / 1e9:.0f} GFLOP/s")
+
+        # GELU's share inside the encoder: the same fused encoder with every GELU skipped (wrong
+        # maths, a cost measurement only), alternating with the real one in this process.
+        from sam_drop_in.modeling import _fast_tinyvit
+
+        real_conv, real_linear = _fast_tinyvit.conv, _fast_tinyvit.linear
+
+        def conv_no_gelu(x, module, gelu=False, residual=None, padding=None):
+            return real_conv(x, module, False, residual, padding)
+
+        def linear_no_gelu(x, weight, bias, gelu=False, residual=None):
+            return real_linear(x, weight, bias, False, residual)
+
+        ab = {"with GELU": [], "without": []}
+        try:
+            for _ in range(args.reps):
+                for key, (c, lin) in (("with GELU", (real_conv, real_linear)), ("without", (conv_no_gelu, linear_no_gelu))):
+                    _fast_tinyvit.conv, _fast_tinyvit.linear = c, lin
+                    ab[key].append(fastest(lambda: enc(x), 1, warm=0))
+        finally:
+            _fast_tinyvit.conv, _fast_tinyvit.linear = real_conv, real_linear
+        gelu_ms = [(min(ab["with GELU"]) - min(ab["without"])) * 1e3,
+                   (sorted(ab["with GELU"])[args.reps // 2] - sorted(ab["without"])[args.reps // 2]) * 1e3]
+        print(f"\nencoder with / without its GELUs, alternating, {args.reps} calls each: "
+              f"min {min(ab['with GELU']) * 1e3:.1f} / {min(ab['without']) * 1e3:.1f} ms; GELU costs "
+              f"{gelu_ms[0]:.1f} ms (min) to {gelu_ms[1]:.1f} ms (median) = {gelu_ms[0] / 1e3 / floor:.2f}-"
+              f"{gelu_ms[1] / 1e3 / floor:.2f}x the floor")
 
         m, kdim, n = 16384, 128, 512
         xs = torch.randn(m, kdim).bfloat16()
@@ -169,8 +204,13 @@ def main() -> None:
         if linear is not None and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             plain = fastest(lambda: linear(xs, w, bias, "none", [], ""), 20)
             gelu = fastest(lambda: linear(xs, w, bias, "gelu", [], "none"), 20)
+            tanh = fastest(lambda: linear(xs, w, bias, "gelu", [], "tanh"), 20)
             print(f"\nlinear {m}x{kdim} -> {n} (stage 1 MLP): {plain * 1e3:.2f} ms, with the erf-GELU epilogue "
-                  f"{gelu * 1e3:.2f} ms: GELU {(gelu - plain) / (m * n) * 1e9:.2f} ns per element")
+                  f"{gelu * 1e3:.2f} ms: GELU {(gelu - plain) / (m * n) * 1e9:.2f} ns per element; tanh-GELU "
+                  f"epilogue {tanh * 1e3:.2f} ms")
+        h = torch.randn(m * n).bfloat16()
+        print(f"ATen bf16 GELU on {m * n / 1e6:.1f} M elements: erf {fastest(lambda: F.gelu(h), 20) * 1e3:.2f} ms, "
+              f"tanh {fastest(lambda: F.gelu(h, approximate='tanh'), 20) * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":
