@@ -7,8 +7,8 @@ Prints, for the fused bf16 encoder (``optimize(sam, "bf16")``) at 1024 px on thi
 - the profiler's self time by kind of op (matrix products, convolutions, attention, LayerNorm,
   layout copies, the rest), per call, and what the floor ratio would be without each kind;
 - each stage's window attention alone (the encoder's own shapes: windows x heads x tokens), with
-  its FLOPs and rate, against the same attention as one batched matrix product pair (the rate
-  the matrix units give these FLOPs when they come as one large product);
+  its FLOPs and rate; the same attention as batched products (baddbmm, softmax, bmm) and as
+  float32 SDPA; and the rate the matrix units give the same FLOPs as two large products;
 - GELU's cost inside the encoder (the encoder with every GELU skipped, alternating with the real
   one: a cost measurement, not the model's maths), and the exact-erf GELU epilogue of one linear
   layer (stage 1's MLP shape), with and without it.
@@ -66,8 +66,9 @@ def kind_of(name: str) -> str:
     return "the rest (GELU passes, views, small ops)"
 
 
-def attention_shapes(enc, side: int):
-    """(stage, windows, heads, tokens, key_dim, value_dim) of each attention stage for a side x side input."""
+def attention_shapes(enc):
+    """(stage, windows, heads, tokens, key_dim, value_dim, blocks) of each attention stage, at the
+    resolution the encoder was built for (its blocks' input_resolution; 1024 px for vit_t)."""
     out = []
     for i, layer in enumerate(enc.layers):
         blocks = getattr(layer, "blocks", [])
@@ -107,7 +108,9 @@ def main() -> None:
         # (760-1950 GFLOP/s in bf16 on the 2-core AMX machine), so it is sampled after every timed
         # call and the fastest sample is kept, as bench_speed.py does.
         samples = [matmul_rate(torch.bfloat16, "cpu")]
-        t_enc = fastest(lambda: enc(x), 0)  # warm-up only
+        for _ in range(3):  # warm-up
+            enc(x)
+        t_enc = float("inf")
         for _ in range(args.reps):
             t_enc = min(t_enc, fastest(lambda: enc(x), 1, warm=0))
             samples.append(matmul_rate(torch.bfloat16, "cpu"))
@@ -143,7 +146,7 @@ def main() -> None:
             print(f"{kind:45s} {sec * 1e3:7.1f} {sec / total:6.1%} {without / floor:16.2f}x")
 
         print("\nwindow attention alone (the encoder's shapes, bf16, with the bias mask):")
-        for stage, windows, heads, n, d, dv, blocks in attention_shapes(enc, 1024):
+        for stage, windows, heads, n, d, dv, blocks in attention_shapes(enc):
             q = torch.randn(windows, heads, n, d).bfloat16()
             k = torch.randn(windows, heads, n, d).bfloat16()
             v = torch.randn(windows, heads, n, dv).bfloat16()
