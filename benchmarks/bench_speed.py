@@ -169,8 +169,11 @@ def bench_model(model_type: str, modes: List[str], args) -> Dict:
     # The matmul rate sets the floors and must be the hardware's peak. On the shared AMX machine
     # the bf16 rate moved between 760 and 1950 GFLOP/s from one minute to the next (2026-12-01),
     # so it is sampled after every quiet repetition and once at the end, and the fastest is kept.
-    low = "bf16" if "bf16" in modes else "fp16" if "fp16" in modes else None
-    rate_dtypes = {"fp32": torch.float32, **({low: torch.bfloat16 if low == "bf16" else torch.float16} if low else {})}
+    rate_dtypes = {"fp32": torch.float32}
+    if "bf16" in modes:
+        rate_dtypes["bf16"] = torch.bfloat16
+    elif "fp16" in modes:
+        rate_dtypes["fp16"] = torch.float16
     rate_samples = {k: [] for k in rate_dtypes}
 
     def sample_rates():

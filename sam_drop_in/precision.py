@@ -223,7 +223,7 @@ def _has_quantized_encoder(model: nn.Module) -> bool:
     QuantizedViT): from a quantised file, or ``mode="w8a8"``/``"w6a6"``."""
     from .quantization.io import _is_quantized_encoder
 
-    return _is_quantized_encoder(getattr(model, "image_encoder", None) or nn.Module())
+    return _is_quantized_encoder(getattr(model, "image_encoder", None))
 
 
 def _int8_runtime(requested: str, calibration: Any) -> str:
