@@ -8,8 +8,19 @@ everything else runs on the CPU whatever the option says.
 
 import os
 
-import pytest
-import torch
+# README's test command runs the suite in two pytest-xdist workers, each at the default thread
+# count (what users run), so the workers' OpenMP threads outnumber the cores. libgomp's default
+# wait at the end of a parallel region spins, burning the core the other worker needs: on the
+# 2-core machine (2026-12-01) the suite took 988 s in one process, and two spinning workers were
+# slower still (half the suite in 13 min); with sleeping waits two workers took 609 s. Only the
+# waiting changes: thread count, kernels and results are the same. libgomp reads this once, when
+# torch loads it, so it is set before torch is imported, and only in xdist's workers (a plain
+# `pytest` keeps the default).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def pytest_addoption(parser):

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
         print(
             f"gpu_check: no CUDA device here (torch {torch.__version__}, CUDA build {torch.version.cuda}, "
             f"torch.cuda.is_available() is False). Run this on a machine with an NVIDIA GPU and a CUDA "
-            "build of torch; on the CPU the same tests run with `python -m pytest -q`.",
+            "build of torch; on the CPU the same tests run with `python -m pytest -q -n 2`.",
             file=sys.stderr,
         )
         return 2
