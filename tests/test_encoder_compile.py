@@ -79,8 +79,8 @@ def test_encoder_traces_as_one_graph(mode):
 @pytest.fixture(scope="module")
 def fresh_inductor_cache(tmp_path_factory):
     """A new, empty Inductor cache for this module: no stale kernels from elsewhere, while the
-    two modes share what does not depend on the graph (66 s for both before, 52 s shared, on the
-    2-core CI machine)."""
+    two modes share what does not depend on the graph (both took 66 s with a cache each, 52 s
+    sharing one, on the 2-core development machine)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
         yield
