@@ -18,7 +18,7 @@ import mobile_sam
 import segment_anything
 import sam_drop_in
 
-from sam_drop_in.testing import load_image, perturbed_state_dict
+from sam_drop_in.testing import load_image, perturbed_state_dict, small_sam
 
 EMB_ATOL, IOU_ATOL, LOGIT_ATOL, NEAR_THRESHOLD = 1e-4, 1e-4, 1e-3, 1e-3
 
@@ -166,33 +166,14 @@ def test_vit_b_matches_segment_anything(device):
     compare_predictors(sam_drop_in.SamPredictor(ours), segment_anything.SamPredictor(ref), IMAGES["wide_400x600"])
 
 
-def _two_block_vit_sam(module):
-    """A SAM whose ViT has one windowed and one global block with relative positions (vit_b's
-    two kinds), 64 wide, at 1024 px: the same code paths as vit_b (row pieces of the global
-    attention included) at a cost that CI's one-thread pass can afford; vit_b itself takes 78 s
-    there."""
-    import importlib
-
-    m = importlib.import_module(module + ".modeling")
-    torch.manual_seed(0)
-    return m.Sam(
-        image_encoder=m.ImageEncoderViT(img_size=1024, patch_size=16, embed_dim=64, depth=2, num_heads=2,
-                                        mlp_ratio=4, out_chans=256, use_rel_pos=True, window_size=14,
-                                        global_attn_indexes=(1,)),
-        prompt_encoder=m.PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
-                                       mask_in_chans=16),
-        mask_decoder=m.MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3,
-                                   iou_head_hidden_dim=256,
-                                   transformer=m.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048,
-                                                                   num_heads=8)),
-    ).eval()
-
-
 def test_two_block_vit_matches_segment_anything(device):
-    ref = _two_block_vit_sam("segment_anything")
+    """A ViT with one windowed and one global block with relative positions (vit_b's two kinds),
+    64 wide, at 1024 px: vit_b's code paths (the global attention's row pieces included) at a
+    cost CI's one-thread pass can afford (vit_b takes 40-80 s there)."""
+    ref = small_sam("segment_anything", depth=2, global_attn_indexes=(1,))
     sd = perturbed_state_dict(ref.state_dict(), seed=5)
     ref.load_state_dict(sd)
-    ours = _two_block_vit_sam("sam_drop_in")
+    ours = small_sam("sam_drop_in", depth=2, global_attn_indexes=(1,))
     ours.load_state_dict(sd, strict=True)
     ours, ref = ours.to(device), ref.to(device)
     compare_predictors(sam_drop_in.SamPredictor(ours), segment_anything.SamPredictor(ref), IMAGES["tall_451x300"])

@@ -73,7 +73,8 @@ def perturbed_state_dict(state_dict: Dict[str, torch.Tensor], seed: int = 0) -> 
     return out
 
 
-def small_sam(module: str, seed: int = 0, img_size: int = 1024) -> nn.Module:
+def small_sam(module: str, seed: int = 0, img_size: int = 1024, depth: int = 1,
+              global_attn_indexes: Tuple[int, ...] = ()) -> nn.Module:
     """
     A SAM with a 1-block, 64-wide ViT encoder (the real prompt encoder and mask decoder), built
     from ``module``'s own classes. Behavioural assertions (types, shapes, dtypes, errors) do not
@@ -85,6 +86,8 @@ def small_sam(module: str, seed: int = 0, img_size: int = 1024) -> nn.Module:
       img_size (int): the encoder's input side (a multiple of 16); the prompt encoder's grid
         follows. 512 gives the mask decoder a quarter of the image tokens: the everything-mode
         tests, which decode hundreds of prompts through upstream's decoder, use it for speed.
+      depth (int), global_attn_indexes (tuple(int)): the ViT's blocks and which of them attend
+        globally (the others in 14x14 windows); by default one windowed block.
 
     Returns:
       (Sam): in eval mode; the same state-dict keys whichever the module.
@@ -93,8 +96,8 @@ def small_sam(module: str, seed: int = 0, img_size: int = 1024) -> nn.Module:
     torch.manual_seed(seed)
     sam = modeling.Sam(
         image_encoder=modeling.ImageEncoderViT(
-            img_size=img_size, patch_size=16, embed_dim=64, depth=1, num_heads=2, mlp_ratio=2, out_chans=256,
-            use_rel_pos=True, window_size=14, global_attn_indexes=(),
+            img_size=img_size, patch_size=16, embed_dim=64, depth=depth, num_heads=2, mlp_ratio=2, out_chans=256,
+            use_rel_pos=True, window_size=14, global_attn_indexes=tuple(global_attn_indexes),
         ),
         prompt_encoder=modeling.PromptEncoder(
             embed_dim=256, image_embedding_size=(img_size // 16, img_size // 16), input_image_size=(img_size, img_size),
